@@ -1,0 +1,599 @@
+//! The per-stream ADS protocol, as sans-I/O state machines.
+//!
+//! [`SotwStream`] and [`DeltaStream`] take requests from Envoy and snapshot updates, and return the
+//! responses to send plus events to log and count. No sockets, clocks or locks: the tonic handler
+//! in [`crate::server`] only moves messages between the wire, the cache and these machines.
+//!
+//! Rules both share:
+//! - **One response in flight per stream.** A type is sent only when no earlier type (in
+//!   [`ResourceType::ALL`] order: CDS, EDS, SDS, LDS, RDS) and no response of its own awaits an
+//!   ACK or NACK. Clusters therefore reach Envoy, and are ACKed, before their endpoints, and both
+//!   before the listeners and routes that use them; rapid snapshot changes coalesce.
+//! - **Clusters leave last.** A cluster (or its endpoints) that the new snapshot drops stays with
+//!   the client until listeners and routes are in sync with the snapshot, so no route points at a
+//!   cluster Envoy no longer has.
+//! - **A changed cluster gets fresh endpoints**: Envoy keeps a changed EDS cluster warming until it
+//!   sees an EDS answer for it, so its ClusterLoadAssignment is sent again even if unchanged.
+//! - **A NACK is never answered by resending the rejected config.** The client is taken to hold
+//!   what was sent; only a snapshot that changes a rejected resource sends anything again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    Resource as DeltaResource,
+};
+
+use crate::resource::{Resource, ResourceType};
+use crate::snapshot::{set_version, Snapshot};
+
+/// Identifies this control plane in responses (Envoy shows it in config dumps).
+pub const CONTROL_PLANE_ID: &str = "knarr";
+
+const WILDCARD: &str = "*";
+
+/// Something worth logging or counting that happened on a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// Envoy accepted the response with this nonce.
+    Ack {
+        ty: ResourceType,
+        nonce: String,
+        version: String,
+    },
+    /// Envoy rejected the response with this nonce; it keeps serving its previous config.
+    Nack {
+        ty: ResourceType,
+        nonce: String,
+        rejected_version: String,
+        error: String,
+    },
+    /// A request answered a response that is no longer the latest; ignored (SotW) or only its
+    /// subscription changes applied (delta).
+    StaleNonce { ty: ResourceType, nonce: String },
+    /// A type this server does not serve.
+    UnknownType { type_url: String },
+}
+
+/// What a state machine wants done.
+#[derive(Debug, Default)]
+pub struct Output<R> {
+    pub responses: Vec<R>,
+    pub events: Vec<StreamEvent>,
+}
+
+/// What the client holds of one resource, as far as this stream knows.
+#[derive(Debug, Clone)]
+struct Held {
+    version: String,
+    /// The body, where the stream sent it (SotW needs it to keep a cluster while deferring its
+    /// removal); `None` for versions the client reported on a delta reconnect.
+    resource: Option<Arc<Resource>>,
+}
+
+#[derive(Debug)]
+struct Outstanding {
+    nonce: String,
+    version: String,
+    /// Delta: the resources the response carried, for NACK bookkeeping.
+    upserts: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// The client has asked for this type on this stream.
+    requested: bool,
+    wildcard: bool,
+    /// SotW only: the first request named nothing ("legacy wildcard").
+    legacy_wildcard: bool,
+    names: BTreeSet<String>,
+    held: BTreeMap<String, Held>,
+    /// SotW: `version_info` of the last response.
+    sent_view_version: Option<String>,
+    outstanding: Option<Outstanding>,
+    /// SotW: answer the next flush even if nothing changed (the first request of a type).
+    must_respond: bool,
+    /// Resend these even if unchanged.
+    force: BTreeSet<String>,
+    /// Delta: resources of a NACKed response, with the rejected versions.
+    nacked: BTreeMap<String, String>,
+    /// Delta: explicitly subscribed names already reported as not existing.
+    reported_missing: BTreeSet<String>,
+    /// The last response of this type was rejected, and nothing newer was accepted since.
+    rejected: bool,
+}
+
+impl TypeState {
+    fn subscribes(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+/// What one type would send now.
+#[derive(Debug)]
+struct Plan {
+    /// Everything the client should hold afterwards (the SotW response body).
+    view: Vec<Arc<Resource>>,
+    view_version: String,
+    /// Delta: what to send.
+    upserts: Vec<Arc<Resource>>,
+    removes: Vec<String>,
+    /// Delta: names to clear from the NACK record once sent.
+    clears_nack: bool,
+}
+
+/// State shared by both protocol variants.
+#[derive(Debug, Default)]
+struct Streams {
+    types: [TypeState; 5],
+    nonce_counter: u64,
+    delta: bool,
+}
+
+impl Streams {
+    fn next_nonce(&mut self) -> String {
+        self.nonce_counter += 1;
+        self.nonce_counter.to_string()
+    }
+
+    fn state(&self, ty: ResourceType) -> &TypeState {
+        &self.types[ty.index()]
+    }
+
+    fn state_mut(&mut self, ty: ResourceType) -> &mut TypeState {
+        &mut self.types[ty.index()]
+    }
+
+    /// The subscribed resources of `ty` that exist in the snapshot.
+    fn desired<'s>(&self, ty: ResourceType, snap: &'s Snapshot) -> BTreeMap<&'s str, &'s Arc<Resource>> {
+        let st = self.state(ty);
+        let all = snap.resources(ty);
+        if st.wildcard {
+            all.iter().map(|(k, v)| (k.as_str(), v)).collect()
+        } else {
+            st.names
+                .iter()
+                .filter_map(|n| all.get_key_value(n).map(|(k, v)| (k.as_str(), v)))
+                .collect()
+        }
+    }
+
+    /// True when the client holds exactly what the snapshot says for `ty`, with nothing in flight.
+    fn settled(&self, ty: ResourceType, snap: &Snapshot) -> bool {
+        let st = self.state(ty);
+        if !st.requested {
+            return true;
+        }
+        st.outstanding.is_none() && self.plan(ty, snap).is_none()
+    }
+
+    /// True when every type the client asked for holds what `snap` says, accepted.
+    fn is_synced(&self, snap: &Snapshot) -> bool {
+        ResourceType::ALL
+            .into_iter()
+            .all(|ty| self.settled(ty, snap) && !self.state(ty).rejected)
+    }
+
+    /// Removals of clusters and endpoints wait until listeners and routes no longer need them.
+    fn defers_removal(&self, ty: ResourceType, snap: &Snapshot) -> bool {
+        matches!(ty, ResourceType::Cluster | ResourceType::Endpoint)
+            && !(self.settled(ResourceType::Listener, snap) && self.settled(ResourceType::Route, snap))
+    }
+
+    fn plan(&self, ty: ResourceType, snap: &Snapshot) -> Option<Plan> {
+        let st = self.state(ty);
+        let desired = self.desired(ty, snap);
+        let mut view: BTreeMap<&str, Arc<Resource>> =
+            desired.iter().map(|(k, v)| (*k, Arc::clone(v))).collect();
+
+        let mut removes = Vec::new();
+        for (name, held) in &st.held {
+            if desired.contains_key(name.as_str()) || !st.subscribes(name) {
+                continue;
+            }
+            if self.defers_removal(ty, snap) {
+                // Keep it with the client for now (SotW must resend its body to keep it).
+                if let Some(r) = &held.resource {
+                    view.insert(name, Arc::clone(r));
+                }
+            } else {
+                removes.push(name.clone());
+            }
+        }
+        if self.delta {
+            // Tell the client once that an explicitly requested resource does not exist, so it
+            // does not wait for it until its initial fetch timeout.
+            for name in &st.names {
+                if !desired.contains_key(name.as_str())
+                    && !st.held.contains_key(name)
+                    && !st.reported_missing.contains(name)
+                {
+                    removes.push(name.clone());
+                }
+            }
+        }
+
+        // After a NACK, resend the whole rejected set as soon as any of it changes.
+        let nack_retry = !st.nacked.is_empty()
+            && st
+                .nacked
+                .iter()
+                .any(|(n, v)| desired.get(n.as_str()).map(|r| &r.version) != Some(v));
+
+        let upserts: Vec<Arc<Resource>> = view
+            .iter()
+            .filter(|(name, r)| {
+                let changed = st.held.get(**name).map(|h| &h.version) != Some(&r.version);
+                changed
+                    || st.force.contains(**name)
+                    || (nack_retry && st.nacked.contains_key(**name))
+            })
+            .map(|(_, r)| Arc::clone(r))
+            .collect();
+
+        let view: Vec<Arc<Resource>> = view.into_values().collect();
+        let view_version = set_version(view.iter());
+
+        let send = if self.delta {
+            !upserts.is_empty() || !removes.is_empty()
+        } else {
+            st.must_respond
+                || st.sent_view_version.as_deref() != Some(view_version.as_str())
+                || view.iter().any(|r| st.force.contains(&r.name))
+        };
+        send.then_some(Plan {
+            view,
+            view_version,
+            upserts,
+            removes,
+            clears_nack: nack_retry,
+        })
+    }
+
+    /// Picks the next response to send, if the ordering gate allows one, and records it as sent.
+    fn next(&mut self, snap: &Snapshot) -> Option<(ResourceType, Plan, String)> {
+        for ty in ResourceType::ALL {
+            let st = self.state(ty);
+            if st.outstanding.is_some() {
+                // This type, and every later one, waits for the ACK.
+                return None;
+            }
+            if !st.requested {
+                continue;
+            }
+            let Some(plan) = self.plan(ty, snap) else {
+                continue;
+            };
+            let nonce = self.next_nonce();
+            self.record_sent(ty, &plan, &nonce, snap);
+            return Some((ty, plan, nonce));
+        }
+        None
+    }
+
+    fn record_sent(&mut self, ty: ResourceType, plan: &Plan, nonce: &str, snap: &Snapshot) {
+        let delta = self.delta;
+        let st = self.state_mut(ty);
+        let mut changed_clusters = Vec::new();
+        for r in &plan.upserts {
+            let previous = st.held.insert(
+                r.name.clone(),
+                Held {
+                    version: r.version.clone(),
+                    resource: Some(Arc::clone(r)),
+                },
+            );
+            if previous.map(|p| p.version) != Some(r.version.clone()) {
+                changed_clusters.push(r.name.clone());
+            }
+            st.force.remove(&r.name);
+            st.reported_missing.remove(&r.name);
+        }
+        if !delta {
+            // SotW: the view is the client's whole set.
+            let keep: BTreeSet<&str> = plan.view.iter().map(|r| r.name.as_str()).collect();
+            st.held.retain(|name, _| keep.contains(name.as_str()));
+            for r in &plan.view {
+                st.force.remove(&r.name);
+            }
+            st.sent_view_version = Some(plan.view_version.clone());
+        }
+        for name in &plan.removes {
+            if st.held.remove(name).is_none() {
+                st.reported_missing.insert(name.clone());
+            }
+        }
+        if plan.clears_nack {
+            st.nacked.clear();
+        }
+        st.must_respond = false;
+        st.outstanding = Some(Outstanding {
+            nonce: nonce.to_owned(),
+            version: if delta {
+                snap.version(ty).to_owned()
+            } else {
+                plan.view_version.clone()
+            },
+            upserts: plan
+                .upserts
+                .iter()
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect(),
+        });
+        if ty == ResourceType::Cluster && !changed_clusters.is_empty() {
+            let eds = self.state_mut(ResourceType::Endpoint);
+            eds.force.extend(changed_clusters);
+        }
+    }
+
+    /// Handles the nonce of a request: ACK, NACK or stale. Returns false for a stale nonce.
+    fn settle(
+        &mut self,
+        ty: ResourceType,
+        nonce: &str,
+        version_info: &str,
+        error: Option<&str>,
+        events: &mut Vec<StreamEvent>,
+    ) -> bool {
+        if nonce.is_empty() {
+            return true;
+        }
+        let st = self.state_mut(ty);
+        if st.outstanding.as_ref().map(|o| o.nonce.as_str()) != Some(nonce) {
+            events.push(StreamEvent::StaleNonce {
+                ty,
+                nonce: nonce.to_owned(),
+            });
+            return false;
+        }
+        let outstanding = st.outstanding.take().expect("checked above");
+        match error {
+            Some(message) => {
+                st.rejected = true;
+                st.nacked.extend(outstanding.upserts);
+                events.push(StreamEvent::Nack {
+                    ty,
+                    nonce: outstanding.nonce,
+                    rejected_version: outstanding.version,
+                    error: message.to_owned(),
+                });
+            }
+            None => {
+                st.rejected = false;
+                st.nacked.clear();
+                events.push(StreamEvent::Ack {
+                    ty,
+                    nonce: outstanding.nonce,
+                    version: if version_info.is_empty() {
+                        outstanding.version
+                    } else {
+                        version_info.to_owned()
+                    },
+                });
+            }
+        }
+        true
+    }
+}
+
+fn control_plane() -> Option<ControlPlane> {
+    Some(ControlPlane {
+        identifier: CONTROL_PLANE_ID.to_owned(),
+    })
+}
+
+/// State-of-the-world ADS (`StreamAggregatedResources`) for one Envoy connection.
+#[derive(Debug, Default)]
+pub struct SotwStream {
+    inner: Streams,
+}
+
+impl SotwStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Handles one request from Envoy. `snap` is the snapshot for the Envoy's group, if any
+    /// has been published yet.
+    pub fn on_request(
+        &mut self,
+        req: &DiscoveryRequest,
+        snap: Option<&Snapshot>,
+    ) -> Output<DiscoveryResponse> {
+        let mut out = Output::default();
+        let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
+            out.events.push(StreamEvent::UnknownType {
+                type_url: req.type_url.clone(),
+            });
+            return out;
+        };
+        let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+        if !self
+            .inner
+            .settle(ty, &req.response_nonce, &req.version_info, error, &mut out.events)
+        {
+            // SotW: a request for a response that has been superseded says nothing new.
+            return out;
+        }
+        let st = self.inner.state_mut(ty);
+        let names: BTreeSet<String> = req
+            .resource_names
+            .iter()
+            .filter(|n| n.as_str() != WILDCARD)
+            .cloned()
+            .collect();
+        let explicit_wildcard = req.resource_names.iter().any(|n| n == WILDCARD);
+        if !st.requested {
+            st.requested = true;
+            st.legacy_wildcard = req.resource_names.is_empty();
+            st.must_respond = true;
+        }
+        if req.response_nonce.is_empty() {
+            // A first request for the type on this stream always gets an answer.
+            st.must_respond = true;
+        }
+        st.wildcard = explicit_wildcard || (st.legacy_wildcard && names.is_empty());
+        if !req.resource_names.is_empty() {
+            st.legacy_wildcard = false;
+        }
+        st.names = names;
+        if let Some(snap) = snap {
+            self.flush_into(snap, &mut out);
+        }
+        out
+    }
+
+    /// A new snapshot was published for this stream's group.
+    pub fn on_snapshot(&mut self, snap: &Snapshot) -> Output<DiscoveryResponse> {
+        let mut out = Output::default();
+        self.flush_into(snap, &mut out);
+        out
+    }
+
+    fn flush_into(&mut self, snap: &Snapshot, out: &mut Output<DiscoveryResponse>) {
+        if let Some((ty, plan, nonce)) = self.inner.next(snap) {
+            out.responses.push(DiscoveryResponse {
+                version_info: plan.view_version,
+                resources: plan.view.iter().map(|r| r.body.clone()).collect(),
+                type_url: ty.type_url().to_owned(),
+                nonce,
+                control_plane: control_plane(),
+                ..Default::default()
+            });
+        }
+    }
+
+    /// True when Envoy has accepted everything `snap` holds for what it subscribes to.
+    pub fn is_synced(&self, snap: &Snapshot) -> bool {
+        self.inner.is_synced(snap)
+    }
+
+    /// The names the client subscribes to for `ty` (`None` when it asks for everything).
+    pub fn subscription(&self, ty: ResourceType) -> Option<&BTreeSet<String>> {
+        let st = self.inner.state(ty);
+        (!st.wildcard).then_some(&st.names)
+    }
+}
+
+/// Incremental ADS (`DeltaAggregatedResources`) for one Envoy connection.
+#[derive(Debug)]
+pub struct DeltaStream {
+    inner: Streams,
+}
+
+impl Default for DeltaStream {
+    fn default() -> Self {
+        DeltaStream {
+            inner: Streams {
+                delta: true,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+impl DeltaStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn on_request(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+        snap: Option<&Snapshot>,
+    ) -> Output<DeltaDiscoveryResponse> {
+        let mut out = Output::default();
+        let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
+            out.events.push(StreamEvent::UnknownType {
+                type_url: req.type_url.clone(),
+            });
+            return out;
+        };
+        // Subscription changes apply even when the nonce is stale.
+        let st = self.inner.state_mut(ty);
+        if !st.requested {
+            st.requested = true;
+            st.wildcard = req.resource_names_subscribe.is_empty() && ty.is_wildcard_by_default();
+            // What the client already holds from an earlier stream: not resent if unchanged.
+            for (name, version) in &req.initial_resource_versions {
+                st.held.insert(
+                    name.clone(),
+                    Held {
+                        version: version.clone(),
+                        resource: None,
+                    },
+                );
+            }
+        }
+        for name in &req.resource_names_subscribe {
+            if name == WILDCARD {
+                st.wildcard = true;
+            } else {
+                st.names.insert(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == WILDCARD {
+                st.wildcard = false;
+            } else {
+                st.names.remove(name);
+                st.reported_missing.remove(name);
+            }
+            if !st.subscribes(name) {
+                // The client drops what it no longer subscribes to.
+                st.held.remove(name);
+                st.nacked.remove(name);
+            }
+        }
+        if !st.wildcard {
+            let names = &st.names;
+            st.held.retain(|n, _| names.contains(n));
+        }
+        let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+        self.inner
+            .settle(ty, &req.response_nonce, "", error, &mut out.events);
+        if let Some(snap) = snap {
+            self.flush_into(snap, &mut out);
+        }
+        out
+    }
+
+    /// True when Envoy has accepted everything `snap` holds for what it subscribes to.
+    pub fn is_synced(&self, snap: &Snapshot) -> bool {
+        self.inner.is_synced(snap)
+    }
+
+    pub fn on_snapshot(&mut self, snap: &Snapshot) -> Output<DeltaDiscoveryResponse> {
+        let mut out = Output::default();
+        self.flush_into(snap, &mut out);
+        out
+    }
+
+    fn flush_into(&mut self, snap: &Snapshot, out: &mut Output<DeltaDiscoveryResponse>) {
+        if let Some((ty, plan, nonce)) = self.inner.next(snap) {
+            out.responses.push(DeltaDiscoveryResponse {
+                system_version_info: snap.version(ty).to_owned(),
+                resources: plan
+                    .upserts
+                    .iter()
+                    .map(|r| DeltaResource {
+                        name: r.name.clone(),
+                        version: r.version.clone(),
+                        resource: Some(r.body.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                type_url: ty.type_url().to_owned(),
+                removed_resources: plan.removes,
+                nonce,
+                control_plane: control_plane(),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
