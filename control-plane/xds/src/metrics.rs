@@ -72,7 +72,7 @@ impl XdsMetrics {
         );
         r.register(
             "push_latency_seconds",
-            "Time from a snapshot's publication to Envoy's ACK of a response carrying it",
+            "Time from config becoming due for an Envoy (snapshot published, or requested if later) to its ACK",
             m.push_latency.clone(),
         );
         m

@@ -243,6 +243,7 @@ impl XdsService {
             node_id: String::new(),
             current: None,
             in_flight: HashMap::new(),
+            last_request_at: Instant::now(),
         };
         tokio::spawn(conn.run(inbound, tx, self.shutdown.clone()));
         Box::pin(ReceiverStream::new(rx))
@@ -326,8 +327,10 @@ struct Connection<P> {
     group: Option<String>,
     node_id: String,
     current: Option<Arc<Snapshot>>,
-    /// Nonce → when the snapshot it carries was published, for push latency.
-    in_flight: HashMap<String, Option<Instant>>,
+    /// Nonce → when the config it carries became due for this Envoy, for push latency.
+    in_flight: HashMap<String, Instant>,
+    /// When the last request arrived: config is due no earlier than the Envoy asks for it.
+    last_request_at: Instant,
 }
 
 impl<P: Protocol> Connection<P> {
@@ -384,6 +387,7 @@ impl<P: Protocol> Connection<P> {
     }
 
     fn on_request(&mut self, req: &P::Request) -> Result<Output<P::Response>, Status> {
+        self.last_request_at = Instant::now();
         if self.group.is_none() {
             let Some(node) = P::node(req) else {
                 return Err(Status::invalid_argument(
@@ -444,10 +448,10 @@ impl<P: Protocol> Connection<P> {
             match event {
                 StreamEvent::Ack { ty, nonce, version } => {
                     debug!(node = %self.node_id, %ty, %version, "ACK");
-                    if let Some(Some(published)) = self.in_flight.remove(&nonce) {
+                    if let Some(due) = self.in_flight.remove(&nonce) {
                         self.metrics
                             .push_latency(ty, mode)
-                            .observe(published.elapsed().as_secs_f64());
+                            .observe(due.elapsed().as_secs_f64());
                     }
                     self.clients.update(self.id, |c| {
                         c.acked.insert(ty, version);
@@ -492,10 +496,9 @@ impl<P: Protocol> Connection<P> {
                     .sent_bytes(ty, mode)
                     .inc_by(response.encoded_len() as u64);
             }
-            self.in_flight.insert(
-                nonce.to_owned(),
-                self.current.as_ref().and_then(|s| s.published_at()),
-            );
+            let published = self.current.as_ref().and_then(|s| s.published_at());
+            let due = published.map_or(self.last_request_at, |p| p.max(self.last_request_at));
+            self.in_flight.insert(nonce.to_owned(), due);
             if tx.send(Ok(response)).await.is_err() {
                 return false;
             }

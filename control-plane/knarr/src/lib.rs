@@ -1,0 +1,9 @@
+//! The `knarr` control plane: wires the routes source, translation and the xDS server together,
+//! and serves admin endpoints. `main.rs` parses the command line and calls into this.
+
+pub mod admin;
+pub mod app;
+pub mod bootstrap;
+pub mod routes_file;
+
+pub use app::{ControlPlane, ServeConfig};
