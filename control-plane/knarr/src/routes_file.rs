@@ -62,6 +62,17 @@ pub struct GatewaySpec {
     pub port: u16,
     #[serde(default)]
     pub virtual_hosts: Vec<VirtualHostSpec>,
+    /// `single` (one route table) or `scopedByHost` (one routing scope per host).
+    #[serde(default)]
+    pub layout: LayoutSpec,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+pub enum LayoutSpec {
+    #[default]
+    Single,
+    ScopedByHost,
 }
 
 fn loopback() -> IpAddr {
@@ -159,6 +170,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Routes, RoutesFileError> {
             name: g.name,
             address: g.address,
             port: g.port,
+            layout: match g.layout {
+                LayoutSpec::Single => model::RouteLayout::Single,
+                LayoutSpec::ScopedByHost => model::RouteLayout::ScopedByHost,
+            },
             virtual_hosts: g
                 .virtual_hosts
                 .into_iter()
@@ -235,6 +250,9 @@ fn validate(path: &Path, routes: &Routes) -> Result<(), RoutesFileError> {
                 return Err(invalid(at, "domains: needs at least one domain".into()));
             }
             for d in &vh.domains {
+                if g.layout == model::RouteLayout::ScopedByHost && d.contains('*') && !d.ends_with(":*") {
+                    return Err(invalid(at, format!("domain {d:?}: layout scopedByHost needs exact host names")));
+                }
                 if !domains.insert(d.as_str()) {
                     return Err(invalid(at, format!("domain {d:?} is already served by another virtual host of this gateway")));
                 }

@@ -32,8 +32,23 @@ use envoy_types::pb::envoy::config::route::v3::{
     VirtualHost as EnvoyVirtualHost, WeightedCluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::config::route::v3::scoped_route_configuration::key::fragment::Type as KeyFragmentType;
+use envoy_types::pb::envoy::config::route::v3::scoped_route_configuration::key::Fragment as KeyFragment;
+use envoy_types::pb::envoy::config::route::v3::scoped_route_configuration::Key as ScopeKey;
+use envoy_types::pb::envoy::config::route::v3::ScopedRouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::{
-    CodecType, RouteSpecifier, UpgradeConfig,
+    CodecType, RouteSpecifier, StripPortMode, UpgradeConfig,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::scoped_routes::scope_key_builder::fragment_builder::header_value_extractor::ExtractType;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::scoped_routes::scope_key_builder::fragment_builder::{
+    HeaderValueExtractor, Type as FragmentBuilderType,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::scoped_routes::scope_key_builder::FragmentBuilder;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::scoped_routes::{
+    ConfigSpecifier, ScopeKeyBuilder,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    ScopedRds, ScopedRoutes,
 };
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType as HttpFilterConfigType;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -49,7 +64,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
 use prost::{Message, Name};
 
-use crate::model::{Backend, Endpoint, Gateway, Route, Split, VirtualHost};
+use crate::model::{Backend, Endpoint, Gateway, Route, RouteLayout, Split, VirtualHost};
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,13 +104,38 @@ fn socket_address(address: std::net::IpAddr, port: u16) -> Address {
 
 /// An HTTP listener for `gateway` (HTTP/1.1 and h2c on one port), routes over RDS.
 pub fn http_listener(gateway: &Gateway) -> Listener {
+    let route_specifier = match gateway.layout {
+        RouteLayout::Single => RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: gateway.route_config_name(),
+        }),
+        RouteLayout::ScopedByHost => RouteSpecifier::ScopedRoutes(ScopedRoutes {
+            name: gateway.scopes_name(),
+            scope_key_builder: Some(ScopeKeyBuilder {
+                fragments: vec![FragmentBuilder {
+                    r#type: Some(FragmentBuilderType::HeaderValueExtractor(HeaderValueExtractor {
+                        name: ":authority".into(),
+                        // No separator: the whole (port-stripped) authority is the key.
+                        element_separator: String::new(),
+                        extract_type: Some(ExtractType::Index(0)),
+                    })),
+                }],
+            }),
+            rds_config_source: Some(ads()),
+            config_specifier: Some(ConfigSpecifier::ScopedRds(ScopedRds {
+                scoped_rds_config_source: Some(ads()),
+                ..Default::default()
+            })),
+        }),
+    };
     let hcm = HttpConnectionManager {
         codec_type: CodecType::Auto as i32,
         stat_prefix: gateway.name.clone(),
-        route_specifier: Some(RouteSpecifier::Rds(Rds {
-            config_source: Some(ads()),
-            route_config_name: gateway.route_config_name(),
-        })),
+        route_specifier: Some(route_specifier),
+        // Hosts are matched without their port (`host` and `host:8080` are one site), as
+        // Kourier's `[host, host:*]` domains do.
+        strip_port_mode: (gateway.layout == RouteLayout::ScopedByHost)
+            .then_some(StripPortMode::StripAnyHostPort(true)),
         http_filters: vec![HttpFilter {
             name: "envoy.filters.http.router".into(),
             config_type: Some(HttpFilterConfigType::TypedConfig(any(&Router::default()))),
@@ -218,6 +258,37 @@ pub fn route_configuration(name: &str, virtual_hosts: &[VirtualHost]) -> RouteCo
         validate_clusters: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
         ..Default::default()
     }
+}
+
+/// The scope key of an exact host name.
+pub fn scope_key(host: &str) -> ScopeKey {
+    ScopeKey {
+        fragments: vec![KeyFragment {
+            r#type: Some(KeyFragmentType::StringKey(host.to_owned())),
+        }],
+    }
+}
+
+/// The routing scopes that send each of `vh`'s hosts to its own route configuration.
+/// Domains with a port (`host:*`, `host:8080`) need no scope: the listener strips ports.
+pub fn host_scopes(gateway: &Gateway, vh: &VirtualHost) -> Vec<ScopedRouteConfiguration> {
+    let rc = gateway.host_route_config_name(vh);
+    let mut hosts: Vec<&str> = vh
+        .domains
+        .iter()
+        .map(|d| d.split_once(':').map_or(d.as_str(), |(host, _)| host))
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    hosts
+        .into_iter()
+        .map(|host| ScopedRouteConfiguration {
+            name: format!("{}/{}", gateway.name, host),
+            route_configuration_name: rc.clone(),
+            key: Some(scope_key(host)),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// An EDS cluster for `backend`, its endpoints in the ClusterLoadAssignment of the same name.
@@ -374,6 +445,7 @@ mod tests {
                     ..Default::default()
                 }],
             }],
+            layout: RouteLayout::Single,
         };
         assert_eq!(
             http_listener(&gw).encode_to_vec(),

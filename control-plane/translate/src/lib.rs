@@ -15,8 +15,10 @@ pub mod model;
 
 mod envoy;
 
-pub use envoy::{cluster, http_listener, load_assignment, route_configuration};
-pub use model::{Backend, Endpoint, Gateway, HeaderMatch, Route, Split, VirtualHost};
+pub use envoy::{
+    cluster, host_scopes, http_listener, load_assignment, route_configuration, scope_key,
+};
+pub use model::{Backend, Endpoint, Gateway, HeaderMatch, Route, RouteLayout, Split, VirtualHost};
 
 use knarr_xds::{Snapshot, SnapshotBuilder};
 
@@ -28,11 +30,42 @@ pub fn snapshot(gateways: &[Gateway], backends: &[Backend]) -> Snapshot {
     builder.build()
 }
 
+/// Adds (or replaces) one virtual host of a [`RouteLayout::ScopedByHost`] gateway: its route
+/// configuration and its scopes. Nothing else in the snapshot changes.
+pub fn add_virtual_host(builder: &mut SnapshotBuilder, gateway: &Gateway, vh: &VirtualHost) {
+    let rc_name = gateway.host_route_config_name(vh);
+    builder.insert(&route_configuration(&rc_name, std::slice::from_ref(&catch_all(vh))));
+    for scope in host_scopes(gateway, vh) {
+        builder.insert(&scope);
+    }
+}
+
+/// Within a host's own route configuration the scope has already matched the host.
+fn catch_all(vh: &VirtualHost) -> VirtualHost {
+    VirtualHost {
+        name: vh.name.clone(),
+        domains: vec!["*".into()],
+        routes: vh.routes.clone(),
+    }
+}
+
 /// Adds the translation of `gateways` and `backends` to `builder`.
 pub fn add_to(builder: &mut SnapshotBuilder, gateways: &[Gateway], backends: &[Backend]) {
     for gateway in gateways {
         builder.insert(&http_listener(gateway));
-        builder.insert(&route_configuration(&gateway.route_config_name(), &gateway.virtual_hosts));
+        match gateway.layout {
+            RouteLayout::Single => {
+                builder.insert(&route_configuration(
+                    &gateway.route_config_name(),
+                    &gateway.virtual_hosts,
+                ));
+            }
+            RouteLayout::ScopedByHost => {
+                for vh in &gateway.virtual_hosts {
+                    add_virtual_host(builder, gateway, vh);
+                }
+            }
+        }
     }
     for backend in backends {
         builder.insert(&cluster(backend));

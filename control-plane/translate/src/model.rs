@@ -12,12 +12,36 @@ pub struct Gateway {
     /// 0 lets the OS pick (tests); Envoy reports the bound port on its admin `/listeners`.
     pub port: u16,
     pub virtual_hosts: Vec<VirtualHost>,
+    pub layout: RouteLayout,
+}
+
+/// How a gateway's virtual hosts are cut into xDS resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteLayout {
+    /// One RouteConfiguration holding every virtual host (what Kourier does). Simple, but any
+    /// change resends the whole table.
+    #[default]
+    Single,
+    /// One routing scope (SRDS) and one RouteConfiguration per virtual host, selected by the
+    /// exact `Host` (port stripped). A change to one host costs one small resource on the wire,
+    /// whatever the size of the table. Hosts must be exact names (no `*` wildcards).
+    ScopedByHost,
 }
 
 impl Gateway {
-    /// The RDS route configuration this gateway's listener asks for.
+    /// The RDS route configuration this gateway's listener asks for ([`RouteLayout::Single`]).
     pub fn route_config_name(&self) -> String {
         format!("{}-routes", self.name)
+    }
+
+    /// The scoped-routes name of this gateway's listener ([`RouteLayout::ScopedByHost`]).
+    pub fn scopes_name(&self) -> String {
+        format!("{}-scopes", self.name)
+    }
+
+    /// The route configuration of one virtual host ([`RouteLayout::ScopedByHost`]).
+    pub fn host_route_config_name(&self, virtual_host: &VirtualHost) -> String {
+        format!("{}/{}", self.name, virtual_host.name)
     }
 }
 

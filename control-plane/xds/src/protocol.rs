@@ -6,7 +6,7 @@
 //!
 //! Rules both share:
 //! - **One response in flight per stream.** A type is sent only when no earlier type (in
-//!   [`ResourceType::ALL`] order: CDS, EDS, SDS, LDS, RDS) and no response of its own awaits an
+//!   [`ResourceType::ALL`] order: CDS, EDS, SDS, LDS, SRDS, RDS) and no response of its own awaits an
 //!   ACK or NACK. Clusters therefore reach Envoy, and are ACKed, before their endpoints, and both
 //!   before the listeners and routes that use them; rapid snapshot changes coalesce.
 //! - **Clusters leave last.** A cluster (or its endpoints) that the new snapshot drops stays with
@@ -26,7 +26,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     Resource as DeltaResource,
 };
 
-use crate::resource::{Resource, ResourceType};
+use crate::resource::{Resource, ResourceType, COUNT};
 use crate::snapshot::{set_version, Snapshot};
 
 /// Identifies this control plane in responses (Envoy shows it in config dumps).
@@ -127,7 +127,7 @@ struct Plan {
 /// State shared by both protocol variants.
 #[derive(Debug, Default)]
 struct Streams {
-    types: [TypeState; 5],
+    types: [TypeState; COUNT],
     nonce_counter: u64,
     delta: bool,
 }
@@ -179,7 +179,9 @@ impl Streams {
     /// Removals of clusters and endpoints wait until listeners and routes no longer need them.
     fn defers_removal(&self, ty: ResourceType, snap: &Snapshot) -> bool {
         matches!(ty, ResourceType::Cluster | ResourceType::Endpoint)
-            && !(self.settled(ResourceType::Listener, snap) && self.settled(ResourceType::Route, snap))
+            && ![ResourceType::Listener, ResourceType::ScopedRoute, ResourceType::Route]
+                .into_iter()
+                .all(|routing| self.settled(routing, snap))
     }
 
     fn plan(&self, ty: ResourceType, snap: &Snapshot) -> Option<Plan> {

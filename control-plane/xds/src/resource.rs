@@ -8,30 +8,36 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, ScopedRouteConfiguration};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use xxhash_rust::xxh3::Xxh3;
 
+/// How many resource types there are.
+pub const COUNT: usize = 6;
+
 /// The resource types Knarr serves, in the order updates are pushed (make before break):
-/// clusters, then their endpoints, then the secrets listeners need, then listeners, then routes.
+/// clusters, then their endpoints, then the secrets listeners need, then listeners, then the
+/// routing scopes listeners use, then the route configurations listeners and scopes name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceType {
     Cluster,
     Endpoint,
     Secret,
     Listener,
+    ScopedRoute,
     Route,
 }
 
 impl ResourceType {
     /// Every type, in push order.
-    pub const ALL: [ResourceType; 5] = [
+    pub const ALL: [ResourceType; COUNT] = [
         ResourceType::Cluster,
         ResourceType::Endpoint,
         ResourceType::Secret,
         ResourceType::Listener,
+        ResourceType::ScopedRoute,
         ResourceType::Route,
     ];
 
@@ -45,6 +51,9 @@ impl ResourceType {
                 "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
             }
             ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+            ResourceType::ScopedRoute => {
+                "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
+            }
             ResourceType::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         }
     }
@@ -60,13 +69,17 @@ impl ResourceType {
             ResourceType::Endpoint => "EDS",
             ResourceType::Secret => "SDS",
             ResourceType::Listener => "LDS",
+            ResourceType::ScopedRoute => "SRDS",
             ResourceType::Route => "RDS",
         }
     }
 
     /// Types whose clients subscribe to "everything" by default (legacy wildcard).
     pub const fn is_wildcard_by_default(self) -> bool {
-        matches!(self, ResourceType::Cluster | ResourceType::Listener)
+        matches!(
+            self,
+            ResourceType::Cluster | ResourceType::Listener | ResourceType::ScopedRoute
+        )
     }
 
     pub(crate) const fn index(self) -> usize {
@@ -250,6 +263,14 @@ impl XdsResource for RouteConfiguration {
             }
         }
         finish(hasher, Self::TYPE, &copy)
+    }
+}
+
+impl XdsResource for ScopedRouteConfiguration {
+    const TYPE: ResourceType = ResourceType::ScopedRoute;
+
+    fn resource_name(&self) -> &str {
+        &self.name
     }
 }
 

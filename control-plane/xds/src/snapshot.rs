@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::watch;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::resource::{Resource, ResourceType, XdsResource};
+use crate::resource::{Resource, ResourceType, XdsResource, COUNT};
 
 /// Resources of one type, by name.
 pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
@@ -21,8 +21,8 @@ pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
 /// One complete config for a group of Envoys.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    resources: [ResourceMap; 5],
-    versions: [String; 5],
+    resources: [ResourceMap; COUNT],
+    versions: [String; COUNT],
     /// When the cache published it; used for push-latency metrics only.
     published_at: Option<Instant>,
     /// Set by the cache on publication: increases with every publish.
@@ -76,7 +76,7 @@ impl Snapshot {
 /// Builds a [`Snapshot`].
 #[derive(Debug, Default, Clone)]
 pub struct SnapshotBuilder {
-    resources: [ResourceMap; 5],
+    resources: [ResourceMap; COUNT],
 }
 
 impl SnapshotBuilder {

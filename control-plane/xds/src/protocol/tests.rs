@@ -95,7 +95,7 @@ fn names_of(resp: &DiscoveryResponse) -> Vec<String> {
                 .cluster_name,
             LDS => Listener::decode(any.value.as_slice()).unwrap().name,
             RDS => RouteConfiguration::decode(any.value.as_slice()).unwrap().name,
-            ResourceType::Secret => unreachable!(),
+            ResourceType::Secret | ResourceType::ScopedRoute => unreachable!(),
         })
         .collect()
 }
