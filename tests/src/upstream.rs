@@ -41,6 +41,7 @@ pub struct UpstreamBuilder {
     name: String,
     status: StatusCode,
     delay: Duration,
+    listen: SocketAddr,
 }
 
 /// What every connection's service needs.
@@ -65,6 +66,7 @@ impl Upstream {
             name: name.to_owned(),
             status: StatusCode::OK,
             delay: Duration::ZERO,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 
@@ -114,14 +116,20 @@ impl UpstreamBuilder {
         self
     }
 
-    /// Binds `127.0.0.1:0` and starts serving.
+    /// Listen on `addr` instead of `127.0.0.1:0` (for demos; tests keep port 0).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Binds (by default `127.0.0.1:0`) and starts serving.
     pub async fn start(self) -> anyhow::Result<Upstream> {
         let name_header = HeaderValue::from_str(&self.name).with_context(|| {
             format!("upstream name {:?} is not a valid header value", self.name)
         })?;
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(self.listen)
             .await
-            .context("binding upstream")?;
+            .with_context(|| format!("binding upstream to {}", self.listen))?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
         let behaviour = Arc::new(Behaviour {

@@ -106,6 +106,14 @@ impl XdsMetrics {
             .sum()
     }
 
+    /// Responses pushed so far for `ty` (both modes).
+    pub fn responses_total(&self, ty: ResourceType) -> u64 {
+        ["sotw", "delta"]
+            .iter()
+            .map(|mode| self.responses(ty, mode).get())
+            .sum()
+    }
+
     /// Total bytes pushed so far for `ty` (both modes).
     pub fn sent_bytes_total(&self, ty: ResourceType) -> u64 {
         ["sotw", "delta"]

@@ -5,10 +5,12 @@
 //! in [`crate::server`] only moves messages between the wire, the cache and these machines.
 //!
 //! Rules both share:
-//! - **One response in flight per stream.** A type is sent only when no earlier type (in
-//!   [`ResourceType::ALL`] order: CDS, EDS, SDS, LDS, SRDS, RDS) and no response of its own awaits an
-//!   ACK or NACK. Clusters therefore reach Envoy, and are ACKed, before their endpoints, and both
-//!   before the listeners and routes that use them; rapid snapshot changes coalesce.
+//! - **Upstreams before routing.** Responses go out in [`ResourceType::ALL`] order (CDS, EDS,
+//!   SDS, LDS, SRDS, RDS), at most one per type in flight (rapid changes coalesce). Listeners and
+//!   routes wait until clusters, endpoints and secrets are ACKed and every cluster Envoy holds has
+//!   had its endpoints, so no route points at a cluster that is missing or still warming.
+//!   Endpoints do not wait for the clusters' ACK: Envoy may hold that ACK until the new clusters
+//!   have their endpoints.
 //! - **Clusters leave last.** A cluster (or its endpoints) that the new snapshot drops stays with
 //!   the client until listeners and routes are in sync with the snapshot, so no route points at a
 //!   cluster Envoy no longer has.
@@ -93,7 +95,7 @@ struct TypeState {
     /// SotW: `version_info` of the last response.
     sent_view_version: Option<String>,
     outstanding: Option<Outstanding>,
-    /// SotW: answer the next flush even if nothing changed (the first request of a type).
+    /// Answer the next flush even if nothing changed (the first request of a type).
     must_respond: bool,
     /// Resend these even if unchanged.
     force: BTreeSet<String>,
@@ -103,6 +105,8 @@ struct TypeState {
     reported_missing: BTreeSet<String>,
     /// The last response of this type was rejected, and nothing newer was accepted since.
     rejected: bool,
+    /// The nonce of the latest response of this type; requests naming any other are stale.
+    last_nonce: Option<String>,
 }
 
 impl TypeState {
@@ -239,7 +243,7 @@ impl Streams {
         let view_version = set_version(view.iter());
 
         let send = if self.delta {
-            !upserts.is_empty() || !removes.is_empty()
+            st.must_respond || !upserts.is_empty() || !removes.is_empty()
         } else {
             st.must_respond
                 || st.sent_view_version.as_deref() != Some(view_version.as_str())
@@ -254,15 +258,15 @@ impl Streams {
         })
     }
 
-    /// Picks the next response to send, if the ordering gate allows one, and records it as sent.
-    fn next(&mut self, snap: &Snapshot) -> Option<(ResourceType, Plan, String)> {
+    /// Everything that may be sent now, in push order, each recorded as sent.
+    fn flush(&mut self, snap: &Snapshot) -> Vec<(ResourceType, Plan, String)> {
+        let mut sent = Vec::new();
         for ty in ResourceType::ALL {
             let st = self.state(ty);
-            if st.outstanding.is_some() {
-                // This type, and every later one, waits for the ACK.
-                return None;
+            if !st.requested || st.outstanding.is_some() {
+                continue;
             }
-            if !st.requested {
+            if ty.is_routing() && !self.upstreams_ready(snap) {
                 continue;
             }
             let Some(plan) = self.plan(ty, snap) else {
@@ -270,9 +274,24 @@ impl Streams {
             };
             let nonce = self.next_nonce();
             self.record_sent(ty, &plan, &nonce, snap);
-            return Some((ty, plan, nonce));
+            sent.push((ty, plan, nonce));
         }
-        None
+        sent
+    }
+
+    /// Listeners and routes may go out once clusters, endpoints and secrets are ACKed, and every
+    /// cluster the client holds has had its endpoints delivered (so none is still warming).
+    fn upstreams_ready(&self, snap: &Snapshot) -> bool {
+        let upstream = [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Secret];
+        if upstream.iter().any(|t| self.state(*t).outstanding.is_some()) {
+            return false;
+        }
+        let eds = self.state(ResourceType::Endpoint);
+        self.state(ResourceType::Cluster)
+            .held
+            .keys()
+            .filter(|name| snap.get(ResourceType::Endpoint, name).is_some())
+            .all(|name| eds.held.contains_key(name))
     }
 
     fn record_sent(&mut self, ty: ResourceType, plan: &Plan, nonce: &str, snap: &Snapshot) {
@@ -311,6 +330,7 @@ impl Streams {
             st.nacked.clear();
         }
         st.must_respond = false;
+        st.last_nonce = Some(nonce.to_owned());
         st.outstanding = Some(Outstanding {
             nonce: nonce.to_owned(),
             version: if delta {
@@ -343,14 +363,18 @@ impl Streams {
             return true;
         }
         let st = self.state_mut(ty);
-        if st.outstanding.as_ref().map(|o| o.nonce.as_str()) != Some(nonce) {
+        if st.last_nonce.as_deref() != Some(nonce) {
             events.push(StreamEvent::StaleNonce {
                 ty,
                 nonce: nonce.to_owned(),
             });
             return false;
         }
-        let outstanding = st.outstanding.take().expect("checked above");
+        let Some(outstanding) = st.outstanding.take() else {
+            // The latest response was already answered: this is a new request on top of it
+            // (Envoy asks again with new names, e.g. endpoints for a new cluster).
+            return true;
+        };
         match error {
             Some(message) => {
                 st.rejected = true;
@@ -455,7 +479,7 @@ impl SotwStream {
     }
 
     fn flush_into(&mut self, snap: &Snapshot, out: &mut Output<DiscoveryResponse>) {
-        if let Some((ty, plan, nonce)) = self.inner.next(snap) {
+        for (ty, plan, nonce) in self.inner.flush(snap) {
             out.responses.push(DiscoveryResponse {
                 version_info: plan.view_version,
                 resources: plan.view.iter().map(|r| r.body.clone()).collect(),
@@ -517,6 +541,8 @@ impl DeltaStream {
         let st = self.inner.state_mut(ty);
         if !st.requested {
             st.requested = true;
+            // Envoy's initialisation waits for a first answer, even an empty one.
+            st.must_respond = true;
             st.wildcard = req.resource_names_subscribe.is_empty() && ty.is_wildcard_by_default();
             // What the client already holds from an earlier stream: not resent if unchanged.
             for (name, version) in &req.initial_resource_versions {
@@ -574,7 +600,7 @@ impl DeltaStream {
     }
 
     fn flush_into(&mut self, snap: &Snapshot, out: &mut Output<DeltaDiscoveryResponse>) {
-        if let Some((ty, plan, nonce)) = self.inner.next(snap) {
+        for (ty, plan, nonce) in self.inner.flush(snap) {
             out.responses.push(DeltaDiscoveryResponse {
                 system_version_info: snap.version(ty).to_owned(),
                 resources: plan

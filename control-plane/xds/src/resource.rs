@@ -74,6 +74,14 @@ impl ResourceType {
         }
     }
 
+    /// Listeners and routing tables: what points at clusters.
+    pub const fn is_routing(self) -> bool {
+        matches!(
+            self,
+            ResourceType::Listener | ResourceType::ScopedRoute | ResourceType::Route
+        )
+    }
+
     /// Types whose clients subscribe to "everything" by default (legacy wildcard).
     pub const fn is_wildcard_by_default(self) -> bool {
         matches!(

@@ -105,6 +105,13 @@ fn one(out: Output<DiscoveryResponse>) -> DiscoveryResponse {
     out.responses.into_iter().next().unwrap()
 }
 
+fn types_of(out: &Output<DiscoveryResponse>) -> Vec<ResourceType> {
+    out.responses
+        .iter()
+        .map(|r| ResourceType::from_type_url(&r.type_url).unwrap())
+        .collect()
+}
+
 fn none<R: std::fmt::Debug>(out: &Output<R>) {
     assert!(out.responses.is_empty(), "expected no response: {out:?}");
 }
@@ -245,20 +252,44 @@ fn sotw_explicit_wildcard() {
 }
 
 #[test]
-fn order_is_clusters_endpoints_listeners_routes_one_at_a_time() {
+fn listeners_and_routes_wait_for_clusters_and_endpoints() {
     let snap = base();
     let mut s = SotwStream::new();
-    // Envoy asks for everything at once; clusters come first, the rest waits for the ACK.
+    // Envoy asks for everything at once: clusters first; listeners and routes wait.
     let cds = one(s.on_request(&sotw_req(CDS, &[], "", ""), Some(&snap)));
+    assert_eq!(cds.type_url, CDS.type_url());
     none(&s.on_request(&sotw_req(LDS, &[], "", ""), Some(&snap)));
-    none(&s.on_request(&sotw_req(EDS, &["a"], "", ""), Some(&snap)));
-    none(&s.on_request(&sotw_req(RDS, &["r"], "", ""), Some(&snap)));
-    let eds = one(s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&snap)));
+    // Endpoints do not wait for the clusters' ACK (Envoy may hold it until they arrive).
+    let eds = one(s.on_request(&sotw_req(EDS, &["a"], "", ""), Some(&snap)));
     assert_eq!(eds.type_url, EDS.type_url());
-    let lds = one(s.on_request(&sotw_req(EDS, &["a"], &eds.version_info, &eds.nonce), Some(&snap)));
-    assert_eq!(lds.type_url, LDS.type_url());
-    let rds = one(s.on_request(&sotw_req(LDS, &[], &lds.version_info, &lds.nonce), Some(&snap)));
-    assert_eq!(rds.type_url, RDS.type_url());
+    none(&s.on_request(&sotw_req(RDS, &["r"], "", ""), Some(&snap)));
+    none(&s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&snap)));
+    // Once both are ACKed, listeners and routes go out, in that order.
+    let out = s.on_request(&sotw_req(EDS, &["a"], &eds.version_info, &eds.nonce), Some(&snap));
+    assert_eq!(types_of(&out), [LDS, RDS]);
+}
+
+#[test]
+fn routes_wait_until_a_new_cluster_has_endpoints() {
+    let (mut s, last) = synced_sotw(&base());
+    let next = base()
+        .to_builder()
+        .add(&cluster("b", 1))
+        .add(&cla("b"))
+        .add(&routes("r", "uses-b.example"))
+        .build();
+    let cds = one(s.on_snapshot(&next));
+    assert_eq!(names_of(&cds), ["a", "b"]);
+    // Envoy ACKs the clusters but has not asked for b's endpoints yet: routes wait.
+    none(&s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&next)));
+    // Envoy asks for b's endpoints on top of the last EDS response: not stale.
+    let eds = one(s.on_request(
+        &sotw_req(EDS, &["a", "b"], &last[&EDS].version_info, &last[&EDS].nonce),
+        Some(&next),
+    ));
+    assert_eq!(names_of(&eds), ["a", "b"]);
+    let out = s.on_request(&sotw_req(EDS, &["a", "b"], &eds.version_info, &eds.nonce), Some(&next));
+    assert_eq!(types_of(&out), [RDS]);
 }
 
 #[test]
@@ -287,24 +318,28 @@ fn removed_cluster_stays_until_routes_stop_using_it() {
     // since the view is unchanged; the route change goes out.
     let rds2 = one(s.on_snapshot(&without_b));
     assert_eq!(rds2.type_url, RDS.type_url());
-    // Once Envoy ACKs the routes, b is removed.
-    let cds2 = one(s.on_request(&sotw_req(RDS, &["r"], &rds2.version_info, &rds2.nonce), Some(&without_b)));
-    assert_eq!(cds2.type_url, CDS.type_url());
-    assert_eq!(names_of(&cds2), ["a"]);
+    // Once Envoy ACKs the routes, b and its endpoints are removed.
+    let out = s.on_request(&sotw_req(RDS, &["r"], &rds2.version_info, &rds2.nonce), Some(&without_b));
+    assert_eq!(types_of(&out), [CDS, EDS]);
+    assert_eq!(names_of(&out.responses[0]), ["a"]);
+    assert_eq!(names_of(&out.responses[1]), ["a"]);
 }
 
 #[test]
 fn changed_cluster_gets_its_endpoints_again() {
     let (mut s, last) = synced_sotw(&base());
     let next = base().to_builder().add(&cluster("a", 2)).build();
-    let cds = one(s.on_snapshot(&next));
-    assert_eq!(names_of(&cds), ["a"]);
+    let out = s.on_snapshot(&next);
+    assert_eq!(types_of(&out), [CDS, EDS]);
+    let (cds, eds) = (&out.responses[0], &out.responses[1]);
+    assert_eq!(names_of(cds), ["a"]);
     // Endpoints are unchanged, but Envoy needs them to finish warming the new cluster.
-    let eds = one(s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&next)));
-    assert_eq!(eds.type_url, EDS.type_url());
+    assert_eq!(names_of(eds), ["a"]);
     assert_eq!(eds.version_info, last[&EDS].version_info);
     // And only once.
+    none(&s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&next)));
     none(&s.on_request(&sotw_req(EDS, &["a"], &eds.version_info, &eds.nonce), Some(&next)));
+    assert!(s.is_synced(&next));
 }
 
 // ---- delta ----
@@ -436,6 +471,23 @@ fn delta_reconnect_with_initial_versions_sends_only_differences() {
     let rds = d_one(s.on_request(&req, Some(&snap)));
     assert_eq!(d_names(&rds), ["r2"]);
     assert_eq!(rds.removed_resources, ["gone"]);
+}
+
+#[test]
+fn delta_first_request_is_answered_even_when_nothing_differs() {
+    let snap = base();
+    let mut s = DeltaStream::new();
+    let mut req = delta_req(CDS, &[], &[], "");
+    req.initial_resource_versions =
+        HashMap::from([("a".to_string(), snap.get(CDS, "a").unwrap().version.clone())]);
+    // Envoy waits for a first CDS answer before it initialises; an empty one will do.
+    let cds = d_one(s.on_request(&req, Some(&snap)));
+    assert!(cds.resources.is_empty() && cds.removed_resources.is_empty());
+    none(&s.on_request(&delta_req(CDS, &[], &[], &cds.nonce), Some(&snap)));
+    // An empty config is answered too.
+    let mut s = DeltaStream::new();
+    let lds = d_one(s.on_request(&delta_req(LDS, &[], &[], ""), Some(&Snapshot::default())));
+    assert!(lds.resources.is_empty());
 }
 
 #[test]
