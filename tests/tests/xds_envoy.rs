@@ -68,7 +68,10 @@ fn backend(up: &Upstream) -> Backend {
 /// A snapshot with gateway `gw` routing `HOST` by `splits` over `upstreams`.
 fn snapshot(layout: RouteLayout, splits: &[(&str, u32)], upstreams: &[&Upstream]) -> Snapshot {
     let backends: Vec<Backend> = upstreams.iter().map(|u| backend(u)).collect();
-    knarr_translate::snapshot(&[gateway("gw", layout, vec![host(HOST, splits)])], &backends)
+    knarr_translate::snapshot(
+        &[gateway("gw", layout, vec![host(HOST, splits)])],
+        &backends,
+    )
 }
 
 struct Setup {
@@ -172,7 +175,11 @@ async fn wait_served_by(client: &HttpClient, upstream: &str) {
 async fn first_config_is_served(ads: Ads) {
     let s = Setup::start(ads).await;
     let blue = Upstream::start("blue").await.unwrap();
-    s.cache.set_default(snapshot(RouteLayout::ScopedByHost, &[("blue", 100)], &[&blue]));
+    s.cache.set_default(snapshot(
+        RouteLayout::ScopedByHost,
+        &[("blue", 100)],
+        &[&blue],
+    ));
     let envoy = s.envoy("gw-1").await;
     let client = gateway_client(&envoy, "gw").await;
 
@@ -180,10 +187,19 @@ async fn first_config_is_served(ads: Ads) {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body, "blue");
     // The split's header reached the backend.
-    assert_eq!(reply.header("x-echo-knative-serving-revision"), Some("blue"));
+    assert_eq!(
+        reply.header("x-echo-knative-serving-revision"),
+        Some("blue")
+    );
     // The host with a port is the same site; an unknown host is not.
-    assert_eq!(client.get(&format!("{HOST}:8080"), "/").await.unwrap().body, "blue");
-    assert_eq!(client.get("unknown.example", "/").await.unwrap().status, 404);
+    assert_eq!(
+        client.get(&format!("{HOST}:8080"), "/").await.unwrap().body,
+        "blue"
+    );
+    assert_eq!(
+        client.get("unknown.example", "/").await.unwrap().status,
+        404
+    );
     assert!(blue.requests() >= 2);
 }
 
@@ -202,22 +218,29 @@ async fn weight_changes_take_effect(ads: Ads, layout: RouteLayout) {
     let blue = Upstream::start("blue").await.unwrap();
     let green = Upstream::start("green").await.unwrap();
     let ups = [&blue, &green];
-    s.cache.set_default(snapshot(layout, &[("blue", 100), ("green", 0)], &ups));
+    s.cache
+        .set_default(snapshot(layout, &[("blue", 100), ("green", 0)], &ups));
     let envoy = s.envoy("gw-1").await;
     let client = gateway_client(&envoy, "gw").await;
     assert_eq!(client.get(HOST, "/").await.unwrap().body, "blue");
 
     // All traffic to green.
-    s.publish("gw-1", snapshot(layout, &[("blue", 0), ("green", 100)], &ups))
-        .await;
+    s.publish(
+        "gw-1",
+        snapshot(layout, &[("blue", 0), ("green", 100)], &ups),
+    )
+    .await;
     wait_served_by(&client, "green").await;
     for _ in 0..20 {
         assert_eq!(client.get(HOST, "/").await.unwrap().body, "green");
     }
 
     // An even split: both get a fair share of 400 requests.
-    s.publish("gw-1", snapshot(layout, &[("blue", 50), ("green", 50)], &ups))
-        .await;
+    s.publish(
+        "gw-1",
+        snapshot(layout, &[("blue", 50), ("green", 50)], &ups),
+    )
+    .await;
     wait_served_by(&client, "blue").await;
     let mut seen: HashMap<String, u32> = HashMap::new();
     for _ in 0..400 {
@@ -254,7 +277,11 @@ async fn removed_listener_and_cluster_disappear(ads: Ads) {
     let extra = Upstream::start("extra").await.unwrap();
     let two_gateways = knarr_translate::snapshot(
         &[
-            gateway("gw", RouteLayout::ScopedByHost, vec![host(HOST, &[("blue", 100)])]),
+            gateway(
+                "gw",
+                RouteLayout::ScopedByHost,
+                vec![host(HOST, &[("blue", 100)])],
+            ),
             gateway(
                 "gw2",
                 RouteLayout::Single,
@@ -266,11 +293,21 @@ async fn removed_listener_and_cluster_disappear(ads: Ads) {
     s.cache.set_default(two_gateways);
     let envoy = s.envoy("gw-1").await;
     let client2 = gateway_client(&envoy, "gw2").await;
-    assert_eq!(client2.get("extra.example", "/").await.unwrap().body, "extra");
-    assert!(envoy.cluster_names().await.unwrap().contains(&"extra".to_string()));
+    assert_eq!(
+        client2.get("extra.example", "/").await.unwrap().body,
+        "extra"
+    );
+    assert!(envoy
+        .cluster_names()
+        .await
+        .unwrap()
+        .contains(&"extra".to_string()));
 
-    s.publish("gw-1", snapshot(RouteLayout::ScopedByHost, &[("blue", 100)], &[&blue]))
-        .await;
+    s.publish(
+        "gw-1",
+        snapshot(RouteLayout::ScopedByHost, &[("blue", 100)], &[&blue]),
+    )
+    .await;
     envoy
         .wait_until("gw2 and extra removed", WAIT, || async {
             let listeners = envoy.listener_names().await.unwrap_or_default();
@@ -279,8 +316,16 @@ async fn removed_listener_and_cluster_disappear(ads: Ads) {
         })
         .await
         .unwrap();
-    assert!(envoy.listener_names().await.unwrap().contains(&"gw".to_string()));
-    assert!(envoy.cluster_names().await.unwrap().contains(&"blue".to_string()));
+    assert!(envoy
+        .listener_names()
+        .await
+        .unwrap()
+        .contains(&"gw".to_string()));
+    assert!(envoy
+        .cluster_names()
+        .await
+        .unwrap()
+        .contains(&"blue".to_string()));
     let client = gateway_client(&envoy, "gw").await;
     assert_eq!(client.get(HOST, "/").await.unwrap().body, "blue");
 }
@@ -297,7 +342,11 @@ async fn delta_removed_listener_and_cluster_disappear() {
 
 /// A host whose route table Envoy rejects: two virtual hosts both claiming `*`.
 fn rejected_snapshot(good: &Snapshot, green: &Upstream) -> Snapshot {
-    let gw = gateway("gw", RouteLayout::ScopedByHost, vec![host(HOST, &[("green", 100)])]);
+    let gw = gateway(
+        "gw",
+        RouteLayout::ScopedByHost,
+        vec![host(HOST, &[("green", 100)])],
+    );
     let mut vh = host(HOST, &[("green", 100)]);
     vh.domains = vec!["*".into()];
     let mut dup = vh.clone();
@@ -333,13 +382,19 @@ async fn rejected_config_keeps_traffic_and_is_sent_once(ads: Ads) {
     let clients = s.cp().clients.clone();
     tokio::time::timeout(
         WAIT,
-        clients.wait_for(|cs| cs.iter().any(|c| c.rejected.contains_key(&ResourceType::Route))),
+        clients.wait_for(|cs| {
+            cs.iter()
+                .any(|c| c.rejected.contains_key(&ResourceType::Route))
+        }),
     )
     .await
     .expect("Envoy rejects the bad route table");
     let status = &clients.list()[0];
     let error = &status.rejected[&ResourceType::Route];
-    assert!(error.contains("wildcard") || error.contains("domain"), "{error}");
+    assert!(
+        error.contains("wildcard") || error.contains("domain"),
+        "{error}"
+    );
     assert_eq!(metrics.nack_total(), 1);
     let rds_after_nack = metrics.responses_total(ResourceType::Route);
     assert_eq!(rds_after_nack, rds_before + 1);
@@ -378,7 +433,11 @@ async fn rejected_config_keeps_traffic_and_is_sent_once(ads: Ads) {
     assert_eq!(client.get(HOST, "/").await.unwrap().body, "blue");
 
     // The next good config goes out and is served.
-    let fixed = snapshot(RouteLayout::ScopedByHost, &[("green", 100)], &[&blue, &green]);
+    let fixed = snapshot(
+        RouteLayout::ScopedByHost,
+        &[("green", 100)],
+        &[&blue, &green],
+    );
     s.publish("gw-1", fixed).await;
     wait_served_by(&client, "green").await;
     assert_eq!(metrics.nack_total(), 1);
@@ -399,7 +458,11 @@ async fn control_plane_restart_under_traffic(ads: Ads) {
     let mut s = Setup::start(ads).await;
     let blue = Upstream::start("blue").await.unwrap();
     let green = Upstream::start("green").await.unwrap();
-    s.cache.set_default(snapshot(RouteLayout::ScopedByHost, &[("blue", 100)], &[&blue, &green]));
+    s.cache.set_default(snapshot(
+        RouteLayout::ScopedByHost,
+        &[("blue", 100)],
+        &[&blue, &green],
+    ));
     let envoy = s.envoy("gw-1").await;
     let client = gateway_client(&envoy, "gw").await;
     envoy
@@ -438,7 +501,9 @@ async fn control_plane_restart_under_traffic(ads: Ads) {
             async move { ok.load(Ordering::Relaxed) >= n }
         }
     };
-    poll_until("traffic flowing", WAIT, ok_at(50)).await.unwrap();
+    poll_until("traffic flowing", WAIT, ok_at(50))
+        .await
+        .unwrap();
 
     // Kill the control plane: every connection drops mid-stream.
     let xds_addr = s.cp().xds_addr;
@@ -450,13 +515,21 @@ async fn control_plane_restart_under_traffic(ads: Ads) {
         .await
         .unwrap();
     let served_before = ok.load(Ordering::Relaxed);
-    poll_until("traffic while the control plane is down", WAIT, ok_at(served_before + 100))
-        .await
-        .unwrap();
+    poll_until(
+        "traffic while the control plane is down",
+        WAIT,
+        ok_at(served_before + 100),
+    )
+    .await
+    .unwrap();
 
     // Restart on the same address with a changed config.
     let cache = Arc::new(SnapshotCache::new(NodeGrouping::NodeId));
-    cache.set_default(snapshot(RouteLayout::ScopedByHost, &[("green", 100)], &[&blue, &green]));
+    cache.set_default(snapshot(
+        RouteLayout::ScopedByHost,
+        &[("green", 100)],
+        &[&blue, &green],
+    ));
     s.cp = Some(start_control_plane(cache.clone(), xds_addr).await);
     s.cache = cache;
     envoy
@@ -467,11 +540,18 @@ async fn control_plane_restart_under_traffic(ads: Ads) {
         .unwrap();
     wait_served_by(&client, "green").await;
     let served = ok.load(Ordering::Relaxed);
-    poll_until("traffic after reconnecting", WAIT, ok_at(served + 50)).await.unwrap();
+    poll_until("traffic after reconnecting", WAIT, ok_at(served + 50))
+        .await
+        .unwrap();
 
     stop.store(true, Ordering::Relaxed);
     let failures = load.await.unwrap();
-    assert!(failures.is_empty(), "{} failed requests: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(ok.load(Ordering::Relaxed) > 200);
     if ads == Ads::Delta {
         // On reconnect Envoy reports what it holds; unchanged clusters are not resent.
@@ -494,26 +574,49 @@ async fn envoys_get_their_own_config(ads: Ads) {
     let s = Setup::start(ads).await;
     let blue = Upstream::start("blue").await.unwrap();
     let green = Upstream::start("green").await.unwrap();
-    s.cache.set("envoy-a", snapshot(RouteLayout::ScopedByHost, &[("blue", 100)], &[&blue]));
-    s.cache.set("envoy-b", snapshot(RouteLayout::Single, &[("green", 100)], &[&green]));
+    s.cache.set(
+        "envoy-a",
+        snapshot(RouteLayout::ScopedByHost, &[("blue", 100)], &[&blue]),
+    );
+    s.cache.set(
+        "envoy-b",
+        snapshot(RouteLayout::Single, &[("green", 100)], &[&green]),
+    );
     let a = s.envoy("envoy-a").await;
     let b = s.envoy("envoy-b").await;
     let client_a = gateway_client(&a, "gw").await;
     let client_b = gateway_client(&b, "gw").await;
     assert_eq!(client_a.get(HOST, "/").await.unwrap().body, "blue");
     assert_eq!(client_b.get(HOST, "/").await.unwrap().body, "green");
-    assert!(!a.cluster_names().await.unwrap().contains(&"green".to_string()));
-    assert!(!b.cluster_names().await.unwrap().contains(&"blue".to_string()));
+    assert!(!a
+        .cluster_names()
+        .await
+        .unwrap()
+        .contains(&"green".to_string()));
+    assert!(!b
+        .cluster_names()
+        .await
+        .unwrap()
+        .contains(&"blue".to_string()));
 
     // Changing one group leaves the other alone.
     let generation = s
         .cache
-        .set("envoy-b", snapshot(RouteLayout::Single, &[("blue", 100)], &[&blue]))
+        .set(
+            "envoy-b",
+            snapshot(RouteLayout::Single, &[("blue", 100)], &[&blue]),
+        )
         .generation();
     s.wait_synced("envoy-b", generation).await;
     wait_served_by(&client_b, "blue").await;
     assert_eq!(client_a.get(HOST, "/").await.unwrap().body, "blue");
-    let names: Vec<String> = s.cp().clients.list().into_iter().map(|c| c.node_id).collect();
+    let names: Vec<String> = s
+        .cp()
+        .clients
+        .list()
+        .into_iter()
+        .map(|c| c.node_id)
+        .collect();
     assert_eq!(names, ["envoy-a", "envoy-b"]);
 }
 

@@ -44,7 +44,11 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             if state.cache.get(DEFAULT_GROUP).is_some() {
                 reply(StatusCode::OK, "text/plain", "ready\n")
             } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no config loaded yet\n")
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "no config loaded yet\n",
+                )
             }
         }
         "/metrics" => {
@@ -55,7 +59,11 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     text,
                 ),
-                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
             }
         }
         "/clients" => {
@@ -87,7 +95,11 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
 }
 
 /// Serves the admin endpoint on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

@@ -56,7 +56,10 @@ impl ControlPlane {
     pub async fn start(config: ServeConfig) -> anyhow::Result<ControlPlane> {
         let cache = Arc::new(SnapshotCache::new(config.grouping));
         let routes = Routes::load(&config.route_files)?;
-        cache.set_default(knarr_translate::snapshot(&routes.gateways, &routes.backends));
+        cache.set_default(knarr_translate::snapshot(
+            &routes.gateways,
+            &routes.backends,
+        ));
         info!(
             gateways = routes.gateways.len(),
             backends = routes.backends.len(),
@@ -88,7 +91,12 @@ impl ControlPlane {
         }
 
         let mut tasks = JoinSet::new();
-        let service = XdsService::new(cache.clone(), metrics.clone(), clients.clone(), shutdown_rx.clone());
+        let service = XdsService::new(
+            cache.clone(),
+            metrics.clone(),
+            clients.clone(),
+            shutdown_rx.clone(),
+        );
         let xds_config = config.xds.clone();
         tasks.spawn(async move {
             if let Err(e) = service.serve(xds_listener, &xds_config).await {

@@ -135,7 +135,11 @@ overload_manager:
         "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
         max_active_downstream_connections: 50000
 "#,
-        mode = if opts.delta { "delta" } else { "state-of-the-world" },
+        mode = if opts.delta {
+            "delta"
+        } else {
+            "state-of-the-world"
+        },
         node_id = quote(&opts.node_id),
         node_cluster = quote(&opts.node_cluster),
         admin_address = quote(&opts.admin_address),
@@ -169,7 +173,11 @@ mod tests {
     fn checked_in_bootstraps_are_current() {
         let sotw = include_str!("../../../deploy/envoy/bootstrap-sotw.yaml");
         let delta = include_str!("../../../deploy/envoy/bootstrap-delta.yaml");
-        assert_eq!(sotw, render(&BootstrapOptions::default()).unwrap(), "regenerate deploy/envoy/bootstrap-sotw.yaml with `knarr envoy-bootstrap`");
+        assert_eq!(
+            sotw,
+            render(&BootstrapOptions::default()).unwrap(),
+            "regenerate deploy/envoy/bootstrap-sotw.yaml with `knarr envoy-bootstrap`"
+        );
         assert_eq!(
             delta,
             render(&BootstrapOptions {

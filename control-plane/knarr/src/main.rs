@@ -15,7 +15,11 @@ use tracing::{error, info};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "knarr", version, about = "Knative Serving's data plane around a real Envoy")]
+#[command(
+    name = "knarr",
+    version,
+    about = "Knative Serving's data plane around a real Envoy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -147,7 +151,10 @@ async fn serve(config: ServeConfig) -> ExitCode {
 
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers, run until killed.
         std::future::pending::<()>().await;
         unreachable!()

@@ -147,7 +147,10 @@ impl Routes {
             all.gateways.extend(file.gateways);
             all.backends.extend(file.backends);
         }
-        let first = paths.first().map(PathBuf::as_path).unwrap_or(Path::new("-"));
+        let first = paths
+            .first()
+            .map(PathBuf::as_path)
+            .unwrap_or(Path::new("-"));
         validate(first, &all)?;
         Ok(all)
     }
@@ -235,13 +238,19 @@ fn validate(path: &Path, routes: &Routes) -> Result<(), RoutesFileError> {
     let mut backends = BTreeSet::new();
     for b in &routes.backends {
         if !backends.insert(b.name.as_str()) {
-            return Err(invalid(format!("backend {:?}", b.name), "defined twice".into()));
+            return Err(invalid(
+                format!("backend {:?}", b.name),
+                "defined twice".into(),
+            ));
         }
     }
     let mut gateways = BTreeSet::new();
     for g in &routes.gateways {
         if !gateways.insert(g.name.as_str()) {
-            return Err(invalid(format!("gateway {:?}", g.name), "defined twice".into()));
+            return Err(invalid(
+                format!("gateway {:?}", g.name),
+                "defined twice".into(),
+            ));
         }
         let mut domains = BTreeSet::new();
         for vh in &g.virtual_hosts {
@@ -250,8 +259,14 @@ fn validate(path: &Path, routes: &Routes) -> Result<(), RoutesFileError> {
                 return Err(invalid(at, "domains: needs at least one domain".into()));
             }
             for d in &vh.domains {
-                if g.layout == model::RouteLayout::ScopedByHost && d.contains('*') && !d.ends_with(":*") {
-                    return Err(invalid(at, format!("domain {d:?}: layout scopedByHost needs exact host names")));
+                if g.layout == model::RouteLayout::ScopedByHost
+                    && d.contains('*')
+                    && !d.ends_with(":*")
+                {
+                    return Err(invalid(
+                        at,
+                        format!("domain {d:?}: layout scopedByHost needs exact host names"),
+                    ));
                 }
                 if !domains.insert(d.as_str()) {
                     return Err(invalid(at, format!("domain {d:?} is already served by another virtual host of this gateway")));
@@ -260,14 +275,26 @@ fn validate(path: &Path, routes: &Routes) -> Result<(), RoutesFileError> {
             for (i, r) in vh.routes.iter().enumerate() {
                 let at = format!("{at}, routes[{i}]");
                 if !r.path_prefix.starts_with('/') {
-                    return Err(invalid(at, format!("pathPrefix {:?} must start with '/'", r.path_prefix)));
+                    return Err(invalid(
+                        at,
+                        format!("pathPrefix {:?} must start with '/'", r.path_prefix),
+                    ));
                 }
                 if r.splits.iter().all(|s| s.weight == 0) {
-                    return Err(invalid(at, "splits: needs at least one split with a weight above 0".into()));
+                    return Err(invalid(
+                        at,
+                        "splits: needs at least one split with a weight above 0".into(),
+                    ));
                 }
                 for s in &r.splits {
                     if !backends.contains(s.backend.as_str()) {
-                        return Err(invalid(at, format!("split backend {:?} is not defined under backends", s.backend)));
+                        return Err(invalid(
+                            at,
+                            format!(
+                                "split backend {:?} is not defined under backends",
+                                s.backend
+                            ),
+                        ));
                     }
                 }
             }
@@ -293,7 +320,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(routes.gateways[0].port, 8080);
-        assert_eq!(routes.gateways[0].virtual_hosts[0].routes[0].path_prefix, "/");
+        assert_eq!(
+            routes.gateways[0].virtual_hosts[0].routes[0].path_prefix,
+            "/"
+        );
         assert_eq!(routes.backends[0].endpoints[0].port, 9001);
         assert!(routes.backends[1].http2);
     }
@@ -302,13 +332,20 @@ mod tests {
     fn errors_say_where() {
         let err = load_text("gateways:\n  - name: g\n    port: 80\n    colour: red\n").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("t.yaml") && msg.contains("colour") && msg.contains("line 4"), "{msg}");
+        assert!(
+            msg.contains("t.yaml") && msg.contains("colour") && msg.contains("line 4"),
+            "{msg}"
+        );
 
         let err = load_text("gateways:\n  - name: g\n    port: 80\n    virtualHosts:\n      - name: v\n        domains: [a]\n        routes:\n          - splits: [{backend: nope}]\n").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("routes[0]") && msg.contains("\"nope\""), "{msg}");
+        assert!(
+            msg.contains("routes[0]") && msg.contains("\"nope\""),
+            "{msg}"
+        );
 
-        let err = load_text("backends:\n  - name: b\n    endpoints: [not-an-address]\n").unwrap_err();
+        let err =
+            load_text("backends:\n  - name: b\n    endpoints: [not-an-address]\n").unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
     }
 }

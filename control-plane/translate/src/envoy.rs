@@ -113,12 +113,14 @@ pub fn http_listener(gateway: &Gateway) -> Listener {
             name: gateway.scopes_name(),
             scope_key_builder: Some(ScopeKeyBuilder {
                 fragments: vec![FragmentBuilder {
-                    r#type: Some(FragmentBuilderType::HeaderValueExtractor(HeaderValueExtractor {
-                        name: ":authority".into(),
-                        // No separator: the whole (port-stripped) authority is the key.
-                        element_separator: String::new(),
-                        extract_type: Some(ExtractType::Index(0)),
-                    })),
+                    r#type: Some(FragmentBuilderType::HeaderValueExtractor(
+                        HeaderValueExtractor {
+                            name: ":authority".into(),
+                            // No separator: the whole (port-stripped) authority is the key.
+                            element_separator: String::new(),
+                            extract_type: Some(ExtractType::Index(0)),
+                        },
+                    )),
                 }],
             }),
             rds_config_source: Some(ads()),
@@ -363,7 +365,10 @@ mod tests {
             ..Default::default()
         };
         let action = route_action(&route);
-        assert_eq!(action.cluster_specifier, Some(ClusterSpecifier::Cluster("a".into())));
+        assert_eq!(
+            action.cluster_specifier,
+            Some(ClusterSpecifier::Cluster("a".into()))
+        );
         assert_eq!(action.timeout, Some(duration(Duration::ZERO)));
         assert!(action.retry_policy.is_none());
     }
@@ -395,7 +400,11 @@ mod tests {
         let Some(ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier else {
             panic!("not weighted")
         };
-        let names: Vec<_> = wc.clusters.iter().map(|c| (c.name.as_str(), c.weight.unwrap().value)).collect();
+        let names: Vec<_> = wc
+            .clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c.weight.unwrap().value))
+            .collect();
         assert_eq!(names, [("a", 30), ("c", 70)]);
         assert_eq!(
             wc.clusters[1].request_headers_to_add[0].append_action,
@@ -407,7 +416,9 @@ mod tests {
         );
         assert_eq!(
             action.host_rewrite_specifier,
-            Some(HostRewriteSpecifier::HostRewriteLiteral("internal.example".into()))
+            Some(HostRewriteSpecifier::HostRewriteLiteral(
+                "internal.example".into()
+            ))
         );
         let m = r.r#match.unwrap();
         assert_eq!(m.path_specifier, Some(PathSpecifier::Prefix("/foo".into())));

@@ -34,7 +34,10 @@ pub fn snapshot(gateways: &[Gateway], backends: &[Backend]) -> Snapshot {
 /// configuration and its scopes. Nothing else in the snapshot changes.
 pub fn add_virtual_host(builder: &mut SnapshotBuilder, gateway: &Gateway, vh: &VirtualHost) {
     let rc_name = gateway.host_route_config_name(vh);
-    builder.insert(&route_configuration(&rc_name, std::slice::from_ref(&catch_all(vh))));
+    builder.insert(&route_configuration(
+        &rc_name,
+        std::slice::from_ref(&catch_all(vh)),
+    ));
     for scope in host_scopes(gateway, vh) {
         builder.insert(&scope);
     }

@@ -19,6 +19,7 @@
 //! - **A NACK is never answered by resending the rejected config.** The client is taken to hold
 //!   what was sent; only a snapshot that changes a rejected resource sends anything again.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -92,8 +93,6 @@ struct TypeState {
     legacy_wildcard: bool,
     names: BTreeSet<String>,
     held: BTreeMap<String, Held>,
-    /// SotW: `version_info` of the last response.
-    sent_view_version: Option<String>,
     outstanding: Option<Outstanding>,
     /// Answer the next flush even if nothing changed (the first request of a type).
     must_respond: bool,
@@ -107,6 +106,8 @@ struct TypeState {
     rejected: bool,
     /// The nonce of the latest response of this type; requests naming any other are stale.
     last_nonce: Option<String>,
+    /// The snapshot generation for which this type was found to have nothing to send.
+    clean_for: Cell<Option<u64>>,
 }
 
 impl TypeState {
@@ -150,20 +151,6 @@ impl Streams {
         &mut self.types[ty.index()]
     }
 
-    /// The subscribed resources of `ty` that exist in the snapshot.
-    fn desired<'s>(&self, ty: ResourceType, snap: &'s Snapshot) -> BTreeMap<&'s str, &'s Arc<Resource>> {
-        let st = self.state(ty);
-        let all = snap.resources(ty);
-        if st.wildcard {
-            all.iter().map(|(k, v)| (k.as_str(), v)).collect()
-        } else {
-            st.names
-                .iter()
-                .filter_map(|n| all.get_key_value(n).map(|(k, v)| (k.as_str(), v)))
-                .collect()
-        }
-    }
-
     /// True when the client holds exactly what the snapshot says for `ty`, with nothing in flight.
     fn settled(&self, ty: ResourceType, snap: &Snapshot) -> bool {
         let st = self.state(ty);
@@ -183,73 +170,136 @@ impl Streams {
     /// Removals of clusters and endpoints wait until listeners and routes no longer need them.
     fn defers_removal(&self, ty: ResourceType, snap: &Snapshot) -> bool {
         matches!(ty, ResourceType::Cluster | ResourceType::Endpoint)
-            && ![ResourceType::Listener, ResourceType::ScopedRoute, ResourceType::Route]
-                .into_iter()
-                .all(|routing| self.settled(routing, snap))
+            && ![
+                ResourceType::Listener,
+                ResourceType::ScopedRoute,
+                ResourceType::Route,
+            ]
+            .into_iter()
+            .all(|routing| self.settled(routing, snap))
     }
 
+    /// What `ty` would send now, if anything. Linear merges over name-sorted maps; no
+    /// per-resource allocation unless something is sent. A "nothing to send" answer is
+    /// remembered until the type's state (or a type it depends on) changes or a new snapshot
+    /// arrives, since every ACK re-checks every type.
     fn plan(&self, ty: ResourceType, snap: &Snapshot) -> Option<Plan> {
         let st = self.state(ty);
-        let desired = self.desired(ty, snap);
-        let mut view: BTreeMap<&str, Arc<Resource>> =
-            desired.iter().map(|(k, v)| (*k, Arc::clone(v))).collect();
+        let generation = snap.generation();
+        if generation != 0 && st.clean_for.get() == Some(generation) {
+            return None;
+        }
+        let all = snap.resources(ty);
 
-        let mut removes = Vec::new();
-        for (name, held) in &st.held {
-            if desired.contains_key(name.as_str()) || !st.subscribes(name) {
-                continue;
+        // The subscribed resources that exist, in name order; and explicit names that don't.
+        let mut missing: Vec<&String> = Vec::new();
+        let desired: Vec<(&String, &Arc<Resource>)> = if st.wildcard {
+            for name in &st.names {
+                if !all.contains_key(name) {
+                    missing.push(name);
+                }
             }
-            if self.defers_removal(ty, snap) {
+            all.iter().collect()
+        } else if st.names.len() * 8 < all.len() {
+            let mut found = Vec::with_capacity(st.names.len());
+            for name in &st.names {
+                match all.get_key_value(name) {
+                    Some(entry) => found.push(entry),
+                    None => missing.push(name),
+                }
+            }
+            found
+        } else {
+            let mut found = Vec::with_capacity(st.names.len());
+            let mut resources = all.iter().peekable();
+            for name in &st.names {
+                while resources.next_if(|(k, _)| *k < name).is_some() {}
+                match resources.next_if(|(k, _)| *k == name) {
+                    Some(entry) => found.push(entry),
+                    None => missing.push(name),
+                }
+            }
+            found
+        };
+        let desired_version = |name: &str| {
+            desired
+                .binary_search_by(|(k, _)| k.as_str().cmp(name))
+                .ok()
+                .map(|i| &desired[i].1.version)
+        };
+
+        // After a NACK, resend the whole rejected set as soon as any of it changes.
+        let nack_retry =
+            !st.nacked.is_empty() && st.nacked.iter().any(|(n, v)| desired_version(n) != Some(v));
+
+        let mut upserts: Vec<Arc<Resource>> = Vec::new();
+        let mut removes: Vec<String> = Vec::new();
+        let mut kept: Vec<Arc<Resource>> = Vec::new();
+        let mut defer: Option<bool> = None;
+        let mut held = st.held.iter().peekable();
+        let mut handle_gone = |name: &String, h: &Held| {
+            if !st.subscribes(name) {
+                return;
+            }
+            if *defer.get_or_insert_with(|| self.defers_removal(ty, snap)) {
                 // Keep it with the client for now (SotW must resend its body to keep it).
-                if let Some(r) = &held.resource {
-                    view.insert(name, Arc::clone(r));
+                if let Some(r) = &h.resource {
+                    kept.push(Arc::clone(r));
                 }
             } else {
                 removes.push(name.clone());
             }
+        };
+        for (name, resource) in &desired {
+            while let Some((gone, h)) = held.next_if(|(k, _)| *k < *name) {
+                handle_gone(gone, h);
+            }
+            let unchanged = match held.next_if(|(k, _)| *k == *name) {
+                Some((_, h)) => match &h.resource {
+                    Some(r) if Arc::ptr_eq(r, resource) => true,
+                    _ => h.version == resource.version,
+                },
+                None => false,
+            };
+            if !unchanged
+                || st.force.contains(name.as_str())
+                || (nack_retry && st.nacked.contains_key(name.as_str()))
+            {
+                upserts.push(Arc::clone(resource));
+            }
+        }
+        for (gone, h) in held {
+            handle_gone(gone, h);
         }
         if self.delta {
             // Tell the client once that an explicitly requested resource does not exist, so it
             // does not wait for it until its initial fetch timeout.
-            for name in &st.names {
-                if !desired.contains_key(name.as_str())
-                    && !st.held.contains_key(name)
-                    && !st.reported_missing.contains(name)
-                {
+            for name in missing {
+                if !st.held.contains_key(name) && !st.reported_missing.contains(name) {
                     removes.push(name.clone());
                 }
             }
         }
 
-        // After a NACK, resend the whole rejected set as soon as any of it changes.
-        let nack_retry = !st.nacked.is_empty()
-            && st
-                .nacked
-                .iter()
-                .any(|(n, v)| desired.get(n.as_str()).map(|r| &r.version) != Some(v));
-
-        let upserts: Vec<Arc<Resource>> = view
-            .iter()
-            .filter(|(name, r)| {
-                let changed = st.held.get(**name).map(|h| &h.version) != Some(&r.version);
-                changed
-                    || st.force.contains(**name)
-                    || (nack_retry && st.nacked.contains_key(**name))
-            })
-            .map(|(_, r)| Arc::clone(r))
-            .collect();
-
-        let view: Vec<Arc<Resource>> = view.into_values().collect();
-        let view_version = set_version(view.iter());
-
-        let send = if self.delta {
-            st.must_respond || !upserts.is_empty() || !removes.is_empty()
+        if !(st.must_respond || !upserts.is_empty() || !removes.is_empty()) {
+            if generation != 0 {
+                st.clean_for.set(Some(generation));
+            }
+            return None;
+        }
+        // SotW sends the whole view: what is desired, plus what is kept for now.
+        let (view, view_version) = if self.delta {
+            (Vec::new(), String::new())
         } else {
-            st.must_respond
-                || st.sent_view_version.as_deref() != Some(view_version.as_str())
-                || view.iter().any(|r| st.force.contains(&r.name))
+            let mut view: Vec<Arc<Resource>> = desired.iter().map(|(_, r)| Arc::clone(r)).collect();
+            if !kept.is_empty() {
+                view.extend(kept);
+                view.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+            let version = set_version(view.iter());
+            (view, version)
         };
-        send.then_some(Plan {
+        Some(Plan {
             view,
             view_version,
             upserts,
@@ -258,15 +308,29 @@ impl Streams {
         })
     }
 
+    /// Forgets remembered "nothing to send" answers that a change to `ty`'s state may affect.
+    fn touch(&self, ty: ResourceType) {
+        self.state(ty).clean_for.set(None);
+        if ty.is_routing() || ty == ResourceType::Cluster {
+            // Cluster and endpoint removals wait on routing; endpoints on cluster changes.
+            self.state(ResourceType::Cluster).clean_for.set(None);
+            self.state(ResourceType::Endpoint).clean_for.set(None);
+        }
+    }
+
     /// Everything that may be sent now, in push order, each recorded as sent.
     fn flush(&mut self, snap: &Snapshot) -> Vec<(ResourceType, Plan, String)> {
         let mut sent = Vec::new();
+        let mut upstreams_ready = None;
         for ty in ResourceType::ALL {
             let st = self.state(ty);
             if !st.requested || st.outstanding.is_some() {
                 continue;
             }
-            if ty.is_routing() && !self.upstreams_ready(snap) {
+            // Sending routing types changes nothing upstream: decide once per flush.
+            if ty.is_routing()
+                && !*upstreams_ready.get_or_insert_with(|| self.upstreams_ready(snap))
+            {
                 continue;
             }
             let Some(plan) = self.plan(ty, snap) else {
@@ -282,19 +346,33 @@ impl Streams {
     /// Listeners and routes may go out once clusters, endpoints and secrets are ACKed, and every
     /// cluster the client holds has had its endpoints delivered (so none is still warming).
     fn upstreams_ready(&self, snap: &Snapshot) -> bool {
-        let upstream = [ResourceType::Cluster, ResourceType::Endpoint, ResourceType::Secret];
-        if upstream.iter().any(|t| self.state(*t).outstanding.is_some()) {
+        let upstream = [
+            ResourceType::Cluster,
+            ResourceType::Endpoint,
+            ResourceType::Secret,
+        ];
+        if upstream
+            .iter()
+            .any(|t| self.state(*t).outstanding.is_some())
+        {
             return false;
         }
-        let eds = self.state(ResourceType::Endpoint);
-        self.state(ResourceType::Cluster)
-            .held
-            .keys()
-            .filter(|name| snap.get(ResourceType::Endpoint, name).is_some())
-            .all(|name| eds.held.contains_key(name))
+        // Every cluster the client holds that has endpoints must have had them delivered.
+        let eds = &self.state(ResourceType::Endpoint).held;
+        let mut delivered = eds.keys().peekable();
+        for name in self.state(ResourceType::Cluster).held.keys() {
+            while delivered.next_if(|k| *k < name).is_some() {}
+            if delivered.next_if(|k| *k == name).is_none()
+                && snap.get(ResourceType::Endpoint, name).is_some()
+            {
+                return false;
+            }
+        }
+        true
     }
 
     fn record_sent(&mut self, ty: ResourceType, plan: &Plan, nonce: &str, snap: &Snapshot) {
+        self.touch(ty);
         let delta = self.delta;
         let st = self.state_mut(ty);
         let mut changed_clusters = Vec::new();
@@ -319,7 +397,6 @@ impl Streams {
             for r in &plan.view {
                 st.force.remove(&r.name);
             }
-            st.sent_view_version = Some(plan.view_version.clone());
         }
         for name in &plan.removes {
             if st.held.remove(name).is_none() {
@@ -362,6 +439,7 @@ impl Streams {
         if nonce.is_empty() {
             return true;
         }
+        self.touch(ty);
         let st = self.state_mut(ty);
         if st.last_nonce.as_deref() != Some(nonce) {
             events.push(StreamEvent::StaleNonce {
@@ -436,21 +514,26 @@ impl SotwStream {
             return out;
         };
         let error = req.error_detail.as_ref().map(|e| e.message.as_str());
-        if !self
-            .inner
-            .settle(ty, &req.response_nonce, &req.version_info, error, &mut out.events)
-        {
+        if !self.inner.settle(
+            ty,
+            &req.response_nonce,
+            &req.version_info,
+            error,
+            &mut out.events,
+        ) {
             // SotW: a request for a response that has been superseded says nothing new.
             return out;
         }
+        self.inner.touch(ty);
         let st = self.inner.state_mut(ty);
-        let names: BTreeSet<String> = req
-            .resource_names
-            .iter()
-            .filter(|n| n.as_str() != WILDCARD)
-            .cloned()
-            .collect();
         let explicit_wildcard = req.resource_names.iter().any(|n| n == WILDCARD);
+        let listed = req.resource_names.len() - usize::from(explicit_wildcard);
+        // Envoy repeats its whole subscription on every request; rebuild only on a change.
+        let unchanged = listed == st.names.len()
+            && req
+                .resource_names
+                .iter()
+                .all(|n| n == WILDCARD || st.names.contains(n));
         if !st.requested {
             st.requested = true;
             st.legacy_wildcard = req.resource_names.is_empty();
@@ -460,11 +543,18 @@ impl SotwStream {
             // A first request for the type on this stream always gets an answer.
             st.must_respond = true;
         }
-        st.wildcard = explicit_wildcard || (st.legacy_wildcard && names.is_empty());
+        st.wildcard = explicit_wildcard || (st.legacy_wildcard && listed == 0);
         if !req.resource_names.is_empty() {
             st.legacy_wildcard = false;
         }
-        st.names = names;
+        if !unchanged {
+            st.names = req
+                .resource_names
+                .iter()
+                .filter(|n| n.as_str() != WILDCARD)
+                .cloned()
+                .collect();
+        }
         if let Some(snap) = snap {
             self.flush_into(snap, &mut out);
         }
@@ -538,6 +628,7 @@ impl DeltaStream {
             return out;
         };
         // Subscription changes apply even when the nonce is stale.
+        self.inner.touch(ty);
         let st = self.inner.state_mut(ty);
         if !st.requested {
             st.requested = true;
@@ -575,7 +666,7 @@ impl DeltaStream {
                 st.nacked.remove(name);
             }
         }
-        if !st.wildcard {
+        if !req.resource_names_unsubscribe.is_empty() && !st.wildcard {
             let names = &st.names;
             st.held.retain(|n, _| names.contains(n));
         }

@@ -258,9 +258,17 @@ impl XdsResource for RouteConfiguration {
         }
         let mut copy = self.clone();
         let mut hasher = Xxh3::new();
-        hash_map_sorted(&mut hasher, "rc", &std::mem::take(&mut copy.typed_per_filter_config));
+        hash_map_sorted(
+            &mut hasher,
+            "rc",
+            &std::mem::take(&mut copy.typed_per_filter_config),
+        );
         for vh in &mut copy.virtual_hosts {
-            hash_map_sorted(&mut hasher, "vh", &std::mem::take(&mut vh.typed_per_filter_config));
+            hash_map_sorted(
+                &mut hasher,
+                "vh",
+                &std::mem::take(&mut vh.typed_per_filter_config),
+            );
             for route in &mut vh.routes {
                 hash_map_sorted(
                     &mut hasher,
@@ -352,6 +360,9 @@ mod tests {
         for t in ResourceType::ALL {
             assert_eq!(ResourceType::from_type_url(t.type_url()), Some(t));
         }
-        assert_eq!(ResourceType::from_type_url("type.googleapis.com/nope"), None);
+        assert_eq!(
+            ResourceType::from_type_url("type.googleapis.com/nope"),
+            None
+        );
     }
 }

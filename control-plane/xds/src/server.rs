@@ -119,12 +119,7 @@ impl Clients {
 
     /// Applies `f` to a client; `f` says whether it changed anything worth announcing.
     fn update(&self, id: u64, f: impl FnOnce(&mut ClientStatus) -> bool) {
-        let changed = self
-            .by_stream
-            .lock()
-            .unwrap()
-            .get_mut(&id)
-            .is_some_and(f);
+        let changed = self.by_stream.lock().unwrap().get_mut(&id).is_some_and(f);
         if changed {
             self.changed.send_modify(|g| *g += 1);
         }
@@ -258,8 +253,11 @@ trait Protocol: Send + 'static {
 
     fn node(req: &Self::Request) -> Option<&Node>;
     fn response_meta(resp: &Self::Response) -> (&str, &str);
-    fn on_request(&mut self, req: &Self::Request, snap: Option<&Snapshot>)
-        -> Output<Self::Response>;
+    fn on_request(
+        &mut self,
+        req: &Self::Request,
+        snap: Option<&Snapshot>,
+    ) -> Output<Self::Response>;
     fn on_snapshot(&mut self, snap: &Snapshot) -> Output<Self::Response>;
     fn is_synced(&self, snap: &Snapshot) -> bool;
 }

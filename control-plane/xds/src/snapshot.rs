@@ -80,7 +80,8 @@ pub struct SnapshotBuilder {
 }
 
 impl SnapshotBuilder {
-    /// Adds (or replaces, by name) a resource.
+    /// Adds (or replaces, by name) a resource; chainable.
+    #[allow(clippy::should_implement_trait)]
     pub fn add<M: XdsResource>(mut self, message: &M) -> Self {
         self.insert(message);
         self
@@ -236,10 +237,22 @@ mod tests {
     fn set_version_depends_on_names_and_versions() {
         let a = Snapshot::builder().add(&cluster("a")).build();
         let a2 = Snapshot::builder().add(&cluster("a")).build();
-        let b = Snapshot::builder().add(&cluster("a")).add(&cluster("b")).build();
-        assert_eq!(a.version(ResourceType::Cluster), a2.version(ResourceType::Cluster));
-        assert_ne!(a.version(ResourceType::Cluster), b.version(ResourceType::Cluster));
-        assert_eq!(a.version(ResourceType::Route), b.version(ResourceType::Route));
+        let b = Snapshot::builder()
+            .add(&cluster("a"))
+            .add(&cluster("b"))
+            .build();
+        assert_eq!(
+            a.version(ResourceType::Cluster),
+            a2.version(ResourceType::Cluster)
+        );
+        assert_ne!(
+            a.version(ResourceType::Cluster),
+            b.version(ResourceType::Cluster)
+        );
+        assert_eq!(
+            a.version(ResourceType::Route),
+            b.version(ResourceType::Route)
+        );
     }
 
     #[test]
@@ -248,10 +261,22 @@ mod tests {
         assert!(cache.get("e1").is_none());
         cache.set_default(Snapshot::builder().add(&cluster("d")).build());
         cache.set("e1", Snapshot::builder().add(&cluster("own")).build());
-        assert!(cache.get("e1").unwrap().get(ResourceType::Cluster, "own").is_some());
-        assert!(cache.get("e2").unwrap().get(ResourceType::Cluster, "d").is_some());
+        assert!(cache
+            .get("e1")
+            .unwrap()
+            .get(ResourceType::Cluster, "own")
+            .is_some());
+        assert!(cache
+            .get("e2")
+            .unwrap()
+            .get(ResourceType::Cluster, "d")
+            .is_some());
         cache.remove("e1");
-        assert!(cache.get("e1").unwrap().get(ResourceType::Cluster, "d").is_some());
+        assert!(cache
+            .get("e1")
+            .unwrap()
+            .get(ResourceType::Cluster, "d")
+            .is_some());
     }
 
     #[test]

@@ -15,10 +15,16 @@ async fn main() -> anyhow::Result<()> {
         match arg.as_str() {
             "--listen" => {
                 let value = args.next().context("--listen needs an address")?;
-                listen = Some(value.parse().with_context(|| format!("--listen {value:?}: not an ip:port"))?);
+                listen = Some(
+                    value
+                        .parse()
+                        .with_context(|| format!("--listen {value:?}: not an ip:port"))?,
+                );
             }
             "--name" => name = args.next().context("--name needs a value")?,
-            other => anyhow::bail!("unknown argument {other:?}; usage: knarr-echo --listen ADDR --name NAME"),
+            other => anyhow::bail!(
+                "unknown argument {other:?}; usage: knarr-echo --listen ADDR --name NAME"
+            ),
         }
     }
     let listen = listen.context("usage: knarr-echo --listen ADDR --name NAME")?;

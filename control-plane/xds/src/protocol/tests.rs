@@ -17,7 +17,9 @@ const RDS: ResourceType = ResourceType::Route;
 fn cluster(name: &str, timeout_ms: u32) -> Cluster {
     Cluster {
         name: name.into(),
-        per_connection_buffer_limit_bytes: Some(envoy_types::pb::google::protobuf::UInt32Value { value: timeout_ms }),
+        per_connection_buffer_limit_bytes: Some(envoy_types::pb::google::protobuf::UInt32Value {
+            value: timeout_ms,
+        }),
         ..Default::default()
     }
 }
@@ -88,15 +90,23 @@ fn names_of(resp: &DiscoveryResponse) -> Vec<String> {
     use prost::Message as _;
     resp.resources
         .iter()
-        .map(|any| match ResourceType::from_type_url(&any.type_url).unwrap() {
-            CDS => Cluster::decode(any.value.as_slice()).unwrap().name,
-            EDS => ClusterLoadAssignment::decode(any.value.as_slice())
-                .unwrap()
-                .cluster_name,
-            LDS => Listener::decode(any.value.as_slice()).unwrap().name,
-            RDS => RouteConfiguration::decode(any.value.as_slice()).unwrap().name,
-            ResourceType::Secret | ResourceType::ScopedRoute => unreachable!(),
-        })
+        .map(
+            |any| match ResourceType::from_type_url(&any.type_url).unwrap() {
+                CDS => Cluster::decode(any.value.as_slice()).unwrap().name,
+                EDS => {
+                    ClusterLoadAssignment::decode(any.value.as_slice())
+                        .unwrap()
+                        .cluster_name
+                }
+                LDS => Listener::decode(any.value.as_slice()).unwrap().name,
+                RDS => {
+                    RouteConfiguration::decode(any.value.as_slice())
+                        .unwrap()
+                        .name
+                }
+                ResourceType::Secret | ResourceType::ScopedRoute => unreachable!(),
+            },
+        )
         .collect()
 }
 
@@ -122,15 +132,27 @@ fn synced_sotw(snap: &Snapshot) -> (SotwStream, HashMap<ResourceType, DiscoveryR
     let mut last = HashMap::new();
     let cds = one(s.on_request(&sotw_req(CDS, &[], "", ""), Some(snap)));
     assert_eq!(names_of(&cds), ["a"]);
-    none(&s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(snap)));
+    none(&s.on_request(
+        &sotw_req(CDS, &[], &cds.version_info, &cds.nonce),
+        Some(snap),
+    ));
     let eds = one(s.on_request(&sotw_req(EDS, &["a"], "", ""), Some(snap)));
     assert_eq!(names_of(&eds), ["a"]);
-    none(&s.on_request(&sotw_req(EDS, &["a"], &eds.version_info, &eds.nonce), Some(snap)));
+    none(&s.on_request(
+        &sotw_req(EDS, &["a"], &eds.version_info, &eds.nonce),
+        Some(snap),
+    ));
     let lds = one(s.on_request(&sotw_req(LDS, &[], "", ""), Some(snap)));
-    none(&s.on_request(&sotw_req(LDS, &[], &lds.version_info, &lds.nonce), Some(snap)));
+    none(&s.on_request(
+        &sotw_req(LDS, &[], &lds.version_info, &lds.nonce),
+        Some(snap),
+    ));
     let rds = one(s.on_request(&sotw_req(RDS, &["r"], "", ""), Some(snap)));
     assert_eq!(names_of(&rds), ["r"]);
-    let out = s.on_request(&sotw_req(RDS, &["r"], &rds.version_info, &rds.nonce), Some(snap));
+    let out = s.on_request(
+        &sotw_req(RDS, &["r"], &rds.version_info, &rds.nonce),
+        Some(snap),
+    );
     none(&out);
     assert!(s.is_synced(snap));
     last.insert(CDS, cds);
@@ -153,13 +175,16 @@ fn sotw_ack_event_carries_version() {
     let snap = base();
     let mut s = SotwStream::new();
     let cds = one(s.on_request(&sotw_req(CDS, &[], "", ""), Some(&snap)));
-    let out = s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&snap));
+    let out = s.on_request(
+        &sotw_req(CDS, &[], &cds.version_info, &cds.nonce),
+        Some(&snap),
+    );
     assert_eq!(
         out.events,
         vec![StreamEvent::Ack {
             ty: CDS,
             nonce: cds.nonce.clone(),
-            version: cds.version_info.clone()
+            version: cds.version_info
         }]
     );
 }
@@ -188,7 +213,10 @@ fn sotw_nack_is_not_answered_with_the_same_config() {
     let rds = one(s.on_snapshot(&bad));
     // Envoy rejects it, reporting the last version it accepted.
     let out = s.on_request(
-        &nack(sotw_req(RDS, &["r"], &last[&RDS].version_info, &rds.nonce), "bad domain"),
+        &nack(
+            sotw_req(RDS, &["r"], &last[&RDS].version_info, &rds.nonce),
+            "bad domain",
+        ),
         Some(&bad),
     );
     none(&out);
@@ -200,10 +228,16 @@ fn sotw_nack_is_not_answered_with_the_same_config() {
     // Unrelated republishing of the same bad snapshot: still nothing.
     none(&s.on_snapshot(&bad.to_builder().build()));
     // The next good snapshot goes out.
-    let good = base().to_builder().add(&routes("r", "good.example")).build();
+    let good = base()
+        .to_builder()
+        .add(&routes("r", "good.example"))
+        .build();
     let rds2 = one(s.on_snapshot(&good));
     assert_ne!(rds2.version_info, rds.version_info);
-    none(&s.on_request(&sotw_req(RDS, &["r"], &rds2.version_info, &rds2.nonce), Some(&good)));
+    none(&s.on_request(
+        &sotw_req(RDS, &["r"], &rds2.version_info, &rds2.nonce),
+        Some(&good),
+    ));
     assert!(s.is_synced(&good));
 }
 
@@ -214,14 +248,28 @@ fn sotw_stale_nonce_is_ignored() {
     let rds = one(s.on_snapshot(&next));
     // A request carrying an older nonce (even with new names) changes nothing.
     let out = s.on_request(
-        &sotw_req(RDS, &["r", "other"], &last[&RDS].version_info, &last[&RDS].nonce),
+        &sotw_req(
+            RDS,
+            &["r", "other"],
+            &last[&RDS].version_info,
+            &last[&RDS].nonce,
+        ),
         Some(&next),
     );
     none(&out);
-    assert!(matches!(&out.events[..], [StreamEvent::StaleNonce { ty: RDS, .. }]));
+    assert!(matches!(
+        &out.events[..],
+        [StreamEvent::StaleNonce { ty: RDS, .. }]
+    ));
     // The real ACK still works.
-    let out = s.on_request(&sotw_req(RDS, &["r"], &rds.version_info, &rds.nonce), Some(&next));
-    assert!(matches!(&out.events[..], [StreamEvent::Ack { ty: RDS, .. }]));
+    let out = s.on_request(
+        &sotw_req(RDS, &["r"], &rds.version_info, &rds.nonce),
+        Some(&next),
+    );
+    assert!(matches!(
+        &out.events[..],
+        [StreamEvent::Ack { ty: RDS, .. }]
+    ));
 }
 
 #[test]
@@ -235,10 +283,16 @@ fn sotw_named_subscription_gets_only_named_resources() {
     let rds = one(s.on_request(&sotw_req(RDS, &["r2", "missing"], "", ""), Some(&snap)));
     assert_eq!(names_of(&rds), ["r2"]);
     // Asking for one more name answers with both.
-    let rds = one(s.on_request(&sotw_req(RDS, &["r2", "r3"], &rds.version_info, &rds.nonce), Some(&snap)));
+    let rds = one(s.on_request(
+        &sotw_req(RDS, &["r2", "r3"], &rds.version_info, &rds.nonce),
+        Some(&snap),
+    ));
     assert_eq!(names_of(&rds), ["r2", "r3"]);
     // A change to a resource nobody asked for sends nothing.
-    s.on_request(&sotw_req(RDS, &["r2", "r3"], &rds.version_info, &rds.nonce), Some(&snap));
+    s.on_request(
+        &sotw_req(RDS, &["r2", "r3"], &rds.version_info, &rds.nonce),
+        Some(&snap),
+    );
     let next = snap.to_builder().add(&routes("r", "zzz.example")).build();
     none(&s.on_snapshot(&next));
 }
@@ -263,9 +317,15 @@ fn listeners_and_routes_wait_for_clusters_and_endpoints() {
     let eds = one(s.on_request(&sotw_req(EDS, &["a"], "", ""), Some(&snap)));
     assert_eq!(eds.type_url, EDS.type_url());
     none(&s.on_request(&sotw_req(RDS, &["r"], "", ""), Some(&snap)));
-    none(&s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&snap)));
+    none(&s.on_request(
+        &sotw_req(CDS, &[], &cds.version_info, &cds.nonce),
+        Some(&snap),
+    ));
     // Once both are ACKed, listeners and routes go out, in that order.
-    let out = s.on_request(&sotw_req(EDS, &["a"], &eds.version_info, &eds.nonce), Some(&snap));
+    let out = s.on_request(
+        &sotw_req(EDS, &["a"], &eds.version_info, &eds.nonce),
+        Some(&snap),
+    );
     assert_eq!(types_of(&out), [LDS, RDS]);
 }
 
@@ -281,14 +341,25 @@ fn routes_wait_until_a_new_cluster_has_endpoints() {
     let cds = one(s.on_snapshot(&next));
     assert_eq!(names_of(&cds), ["a", "b"]);
     // Envoy ACKs the clusters but has not asked for b's endpoints yet: routes wait.
-    none(&s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&next)));
+    none(&s.on_request(
+        &sotw_req(CDS, &[], &cds.version_info, &cds.nonce),
+        Some(&next),
+    ));
     // Envoy asks for b's endpoints on top of the last EDS response: not stale.
     let eds = one(s.on_request(
-        &sotw_req(EDS, &["a", "b"], &last[&EDS].version_info, &last[&EDS].nonce),
+        &sotw_req(
+            EDS,
+            &["a", "b"],
+            &last[&EDS].version_info,
+            &last[&EDS].nonce,
+        ),
         Some(&next),
     ));
     assert_eq!(names_of(&eds), ["a", "b"]);
-    let out = s.on_request(&sotw_req(EDS, &["a", "b"], &eds.version_info, &eds.nonce), Some(&next));
+    let out = s.on_request(
+        &sotw_req(EDS, &["a", "b"], &eds.version_info, &eds.nonce),
+        Some(&next),
+    );
     assert_eq!(types_of(&out), [RDS]);
 }
 
@@ -303,13 +374,25 @@ fn removed_cluster_stays_until_routes_stop_using_it() {
         .build();
     let mut s = SotwStream::new();
     let cds = one(s.on_request(&sotw_req(CDS, &[], "", ""), Some(&with_b)));
-    s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&with_b));
+    s.on_request(
+        &sotw_req(CDS, &[], &cds.version_info, &cds.nonce),
+        Some(&with_b),
+    );
     let eds = one(s.on_request(&sotw_req(EDS, &["a", "b"], "", ""), Some(&with_b)));
-    s.on_request(&sotw_req(EDS, &["a", "b"], &eds.version_info, &eds.nonce), Some(&with_b));
+    s.on_request(
+        &sotw_req(EDS, &["a", "b"], &eds.version_info, &eds.nonce),
+        Some(&with_b),
+    );
     let lds = one(s.on_request(&sotw_req(LDS, &[], "", ""), Some(&with_b)));
-    s.on_request(&sotw_req(LDS, &[], &lds.version_info, &lds.nonce), Some(&with_b));
+    s.on_request(
+        &sotw_req(LDS, &[], &lds.version_info, &lds.nonce),
+        Some(&with_b),
+    );
     let rds = one(s.on_request(&sotw_req(RDS, &["r"], "", ""), Some(&with_b)));
-    s.on_request(&sotw_req(RDS, &["r"], &rds.version_info, &rds.nonce), Some(&with_b));
+    s.on_request(
+        &sotw_req(RDS, &["r"], &rds.version_info, &rds.nonce),
+        Some(&with_b),
+    );
     assert!(s.is_synced(&with_b));
 
     // New snapshot: b is gone and the route moved away from it.
@@ -319,7 +402,10 @@ fn removed_cluster_stays_until_routes_stop_using_it() {
     let rds2 = one(s.on_snapshot(&without_b));
     assert_eq!(rds2.type_url, RDS.type_url());
     // Once Envoy ACKs the routes, b and its endpoints are removed.
-    let out = s.on_request(&sotw_req(RDS, &["r"], &rds2.version_info, &rds2.nonce), Some(&without_b));
+    let out = s.on_request(
+        &sotw_req(RDS, &["r"], &rds2.version_info, &rds2.nonce),
+        Some(&without_b),
+    );
     assert_eq!(types_of(&out), [CDS, EDS]);
     assert_eq!(names_of(&out.responses[0]), ["a"]);
     assert_eq!(names_of(&out.responses[1]), ["a"]);
@@ -337,8 +423,14 @@ fn changed_cluster_gets_its_endpoints_again() {
     assert_eq!(names_of(eds), ["a"]);
     assert_eq!(eds.version_info, last[&EDS].version_info);
     // And only once.
-    none(&s.on_request(&sotw_req(CDS, &[], &cds.version_info, &cds.nonce), Some(&next)));
-    none(&s.on_request(&sotw_req(EDS, &["a"], &eds.version_info, &eds.nonce), Some(&next)));
+    none(&s.on_request(
+        &sotw_req(CDS, &[], &cds.version_info, &cds.nonce),
+        Some(&next),
+    ));
+    none(&s.on_request(
+        &sotw_req(EDS, &["a"], &eds.version_info, &eds.nonce),
+        Some(&next),
+    ));
     assert!(s.is_synced(&next));
 }
 
@@ -394,7 +486,10 @@ fn delta_sends_only_what_changed() {
     let rds = d_one(s.on_request(&delta_req(RDS, &["r", "r2"], &[], ""), Some(&snap)));
     assert_eq!(d_names(&rds), ["r", "r2"]);
     none(&s.on_request(&delta_req(RDS, &[], &[], &rds.nonce), Some(&snap)));
-    let next = snap.to_builder().add(&routes("r2", "changed.example")).build();
+    let next = snap
+        .to_builder()
+        .add(&routes("r2", "changed.example"))
+        .build();
     let rds = d_one(s.on_snapshot(&next));
     assert_eq!(d_names(&rds), ["r2"]);
     assert!(rds.removed_resources.is_empty());
@@ -431,11 +526,17 @@ fn delta_wildcard_then_explicit_unsubscribe_of_wildcard() {
 
 #[test]
 fn delta_unsubscribe_stops_updates() {
-    let snap = base().to_builder().add(&routes("r2", "two.example")).build();
+    let snap = base()
+        .to_builder()
+        .add(&routes("r2", "two.example"))
+        .build();
     let mut s = DeltaStream::new();
     let rds = d_one(s.on_request(&delta_req(RDS, &["r", "r2"], &[], ""), Some(&snap)));
     none(&s.on_request(&delta_req(RDS, &[], &["r2"], &rds.nonce), Some(&snap)));
-    let next = snap.to_builder().add(&routes("r2", "changed.example")).build();
+    let next = snap
+        .to_builder()
+        .add(&routes("r2", "changed.example"))
+        .build();
     none(&s.on_snapshot(&next));
     // Subscribing again sends it, even though its version did not change since.
     let rds = d_one(s.on_request(&delta_req(RDS, &["r2"], &[], ""), Some(&next)));
@@ -444,7 +545,10 @@ fn delta_unsubscribe_stops_updates() {
 
 #[test]
 fn delta_subscription_applies_on_stale_nonce() {
-    let snap = base().to_builder().add(&routes("r2", "two.example")).build();
+    let snap = base()
+        .to_builder()
+        .add(&routes("r2", "two.example"))
+        .build();
     let mut s = DeltaStream::new();
     let first = d_one(s.on_request(&delta_req(RDS, &["r"], &[], ""), Some(&snap)));
     // Not yet ACKed; a request with an unknown nonce still subscribes to r2.
@@ -507,10 +611,7 @@ fn delta_reports_missing_subscribed_resource_once() {
 
 #[test]
 fn delta_nack_is_not_resent_but_the_fix_is() {
-    let snap = base()
-        .to_builder()
-        .add(&listener("l2"))
-        .build();
+    let snap = base().to_builder().add(&listener("l2")).build();
     let mut s = DeltaStream::new();
     let lds = d_one(s.on_request(&delta_req(LDS, &[], &[], ""), Some(&snap)));
     none(&s.on_request(&delta_req(LDS, &[], &[], &lds.nonce), Some(&snap)));
@@ -538,7 +639,10 @@ fn delta_nack_is_not_resent_but_the_fix_is() {
     });
     let out = s.on_request(&req, Some(&bad));
     none(&out);
-    assert!(matches!(&out.events[..], [StreamEvent::Nack { ty: LDS, .. }]));
+    assert!(matches!(
+        &out.events[..],
+        [StreamEvent::Nack { ty: LDS, .. }]
+    ));
     // Republishing the same content sends nothing.
     none(&s.on_snapshot(&bad.to_builder().add(&cluster("other", 1)).build()));
     // Fixing l resends it, together with l2 from the rejected response.
