@@ -1,0 +1,268 @@
+//! YAML documents → objects, with errors that say where.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use crate::validate::{self, FieldError};
+use crate::{Kind, Object, ObjectKey};
+
+/// One YAML document of a file, understood as far as possible.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Document {
+    /// An object Knarr reads, parsed and validated.
+    Object { object: Object, line: usize },
+    /// A well-formed object of a kind Knarr does not read (yet); ignored.
+    Foreign {
+        api_version: String,
+        kind: String,
+        name: String,
+        line: usize,
+    },
+    /// Well-formed YAML with no `apiVersion`/`kind` (for example a Knarr routes file).
+    Untyped { value: Value, line: usize },
+    /// Broken YAML or an invalid object.
+    Error(ParseError),
+}
+
+/// Why a document could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub file: String,
+    /// 1-based line in the file, where known.
+    pub line: Option<usize>,
+    /// The object, when its kind, namespace and name could be read.
+    pub object: Option<ObjectKey>,
+    /// The offending field (`spec.rules[0].hosts`), when known.
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(object) = &self.object {
+            write!(f, ": {object}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Splits `text` into YAML documents (`---` lines), with the 1-based line each starts on.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    for (i, line) in text.lines().enumerate() {
+        let is_separator = line == "---" || line.starts_with("--- ") || line == "...";
+        if is_separator {
+            docs.push((start, std::mem::take(&mut current)));
+            start = i + 2;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push((start, current));
+    docs.into_iter()
+        .filter(|(_, d)| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+/// serde_yaml's message without its trailing " at line L column C", and the line.
+fn yaml_error(e: &serde_yaml::Error, first_line: usize) -> (Option<usize>, String) {
+    let line = e.location().map(|l| first_line + l.line() - 1);
+    let mut message = e.to_string();
+    if let Some(at) = message.rfind(" at line ") {
+        message.truncate(at);
+    }
+    (line, message)
+}
+
+/// Parses every document of one file.
+pub fn parse_documents(file: &str, text: &str) -> Vec<Document> {
+    let mut out = Vec::new();
+    for (line, doc) in split_documents(text) {
+        parse_document(file, line, &doc, &mut out);
+    }
+    out
+}
+
+fn str_at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v str> {
+    let mut v = value;
+    for key in path {
+        v = v.get(key)?;
+    }
+    v.as_str()
+}
+
+fn parse_document(file: &str, chunk_start: usize, doc: &str, out: &mut Vec<Document>) {
+    // `chunk_start` is where the document's text begins (for error offsets); `line` is its
+    // first line with content (what a person would call "the object at line N").
+    let line = chunk_start
+        + doc
+            .lines()
+            .position(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .unwrap_or(0);
+    let value: Value = match serde_yaml::from_str(doc) {
+        Ok(v) => v,
+        Err(e) => {
+            let (at, reason) = yaml_error(&e, chunk_start);
+            out.push(Document::Error(ParseError {
+                file: file.to_owned(),
+                line: at.or(Some(line)),
+                object: None,
+                field: None,
+                reason: format!("not valid YAML: {reason}"),
+            }));
+            return;
+        }
+    };
+    if value.is_null() {
+        return;
+    }
+    let api_version = str_at(&value, &["apiVersion"]).map(str::to_owned);
+    let kind_name = str_at(&value, &["kind"]).map(str::to_owned);
+    let (Some(api_version), Some(kind_name)) = (api_version, kind_name) else {
+        out.push(Document::Untyped { value, line });
+        return;
+    };
+    let name = str_at(&value, &["metadata", "name"])
+        .unwrap_or_default()
+        .to_owned();
+    let namespace = str_at(&value, &["metadata", "namespace"])
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or("default")
+        .to_owned();
+
+    if kind_name == "List" && api_version == "v1" {
+        // `kubectl get -o yaml` output: parse each item (lines are the list's).
+        if let Some(items) = value.get("items").and_then(Value::as_sequence) {
+            for item in items {
+                match serde_yaml::to_string(item) {
+                    Ok(text) => parse_document(file, line, &text, out),
+                    Err(e) => out.push(Document::Error(ParseError {
+                        file: file.to_owned(),
+                        line: Some(line),
+                        object: None,
+                        field: Some("items".into()),
+                        reason: e.to_string(),
+                    })),
+                }
+            }
+        }
+        return;
+    }
+
+    let kind = match (api_version.as_str(), kind_name.as_str()) {
+        ("networking.internal.knative.dev/v1alpha1", "Ingress") => Kind::Ingress,
+        ("v1", "Service") => Kind::Service,
+        ("v1", "Endpoints") => Kind::Endpoints,
+        ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
+        ("v1", "Secret") if str_at(&value, &["type"]) == Some("kubernetes.io/tls") => Kind::Secret,
+        _ => {
+            out.push(Document::Foreign {
+                api_version,
+                kind: kind_name,
+                name,
+                line,
+            });
+            return;
+        }
+    };
+    let key = ObjectKey::new(kind, &namespace, &name);
+    let fail = |line: Option<usize>, field: Option<String>, reason: String| {
+        Document::Error(ParseError {
+            file: file.to_owned(),
+            line,
+            object: Some(key.clone()),
+            field,
+            reason,
+        })
+    };
+    if name.is_empty() {
+        out.push(fail(
+            Some(line),
+            Some("metadata.name".into()),
+            "is required".into(),
+        ));
+        return;
+    }
+
+    fn typed<T: DeserializeOwned>(doc: &str, start: usize) -> Result<T, (Option<usize>, String)> {
+        serde_yaml::from_str(doc).map_err(|e| yaml_error(&e, start))
+    }
+    let s = chunk_start;
+    let parsed: Result<Object, (Option<usize>, String)> = match kind {
+        Kind::Ingress => typed(doc, s).map(Object::Ingress),
+        Kind::Service => typed(doc, s).map(Object::Service),
+        Kind::Endpoints => typed(doc, s).map(Object::Endpoints),
+        Kind::EndpointSlice => typed(doc, s).map(Object::EndpointSlice),
+        Kind::Secret => typed(doc, s).map(|sec| Object::TlsSecret(sec, Default::default())),
+    };
+    let mut object = match parsed {
+        Ok(o) => o,
+        Err((at, reason)) => {
+            // serde_yaml's messages start with the field path ("spec.rules[0]: ...").
+            let (field, reason) = match reason.split_once(": ") {
+                Some((path, rest)) if !path.contains(' ') => {
+                    (Some(path.to_owned()), rest.to_owned())
+                }
+                _ => (None, reason),
+            };
+            out.push(fail(at.or(Some(line)), field, reason));
+            return;
+        }
+    };
+    set_namespace(&mut object, &namespace);
+    match validate::validate(&mut object) {
+        Ok(()) => out.push(Document::Object { object, line }),
+        Err(FieldError { field, reason }) => {
+            let at = field_line(doc, &field)
+                .map(|l| chunk_start + l - 1)
+                .unwrap_or(line);
+            out.push(fail(Some(at), Some(field), reason));
+        }
+    }
+}
+
+fn set_namespace(object: &mut Object, namespace: &str) {
+    let meta = match object {
+        Object::Ingress(o) => &mut o.metadata,
+        Object::Service(o) => &mut o.metadata,
+        Object::Endpoints(o) => &mut o.metadata,
+        Object::EndpointSlice(o) => &mut o.metadata,
+        Object::TlsSecret(o, _) => &mut o.metadata,
+    };
+    meta.namespace = namespace.to_owned();
+}
+
+/// Best effort: the line (1-based, within `doc`) where the last named key of `field` appears,
+/// e.g. `percent` for `spec.rules[0].http.paths[0].splits[1].percent`.
+fn field_line(doc: &str, field: &str) -> Option<usize> {
+    let last = field
+        .rsplit('.')
+        .next()?
+        .split('[')
+        .next()
+        .filter(|k| !k.is_empty())?;
+    let needle = format!("{last}:");
+    doc.lines()
+        .position(|l| {
+            let t = l.trim_start().trim_start_matches("- ");
+            t.starts_with(&needle)
+        })
+        .map(|i| i + 1)
+}
