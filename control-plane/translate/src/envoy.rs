@@ -69,14 +69,14 @@ use crate::model::{Backend, Endpoint, Gateway, Route, RouteLayout, Split, Virtua
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn any<M: Message + Name>(m: &M) -> Any {
+pub(crate) fn any<M: Message + Name>(m: &M) -> Any {
     Any {
         type_url: M::type_url(),
         value: m.encode_to_vec(),
     }
 }
 
-fn duration(d: Duration) -> PbDuration {
+pub(crate) fn duration(d: Duration) -> PbDuration {
     PbDuration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -84,7 +84,7 @@ fn duration(d: Duration) -> PbDuration {
 }
 
 /// Config delivered over the ADS stream itself.
-fn ads() -> ConfigSource {
+pub(crate) fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
         config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
@@ -92,7 +92,7 @@ fn ads() -> ConfigSource {
     }
 }
 
-fn socket_address(address: std::net::IpAddr, port: u16) -> Address {
+pub(crate) fn socket_address(address: std::net::IpAddr, port: u16) -> Address {
     Address {
         address: Some(AddressKind::SocketAddress(SocketAddress {
             address: address.to_string(),
@@ -165,7 +165,7 @@ pub fn http_listener(gateway: &Gateway) -> Listener {
     }
 }
 
-fn set_header(name: &str, value: &str) -> HeaderValueOption {
+pub(crate) fn set_header(name: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: name.to_owned(),
@@ -177,7 +177,7 @@ fn set_header(name: &str, value: &str) -> HeaderValueOption {
     }
 }
 
-fn set_headers(headers: &[(String, String)]) -> Vec<HeaderValueOption> {
+pub(crate) fn set_headers(headers: &[(String, String)]) -> Vec<HeaderValueOption> {
     headers.iter().map(|(k, v)| set_header(k, v)).collect()
 }
 
@@ -213,7 +213,7 @@ fn route_action(route: &Route) -> RouteAction {
     }
 }
 
-fn envoy_route(route: &Route) -> EnvoyRoute {
+pub(crate) fn envoy_route(route: &Route) -> EnvoyRoute {
     EnvoyRoute {
         r#match: Some(RouteMatch {
             path_specifier: Some(PathSpecifier::Prefix(if route.path_prefix.is_empty() {

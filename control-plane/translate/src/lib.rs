@@ -11,7 +11,9 @@
 //! - listeners fetch their routes over RDS (ADS), one route configuration per listener;
 //! - routes have no timeout and no retries (Knative semantics), and allow websocket upgrades.
 
+pub mod kingress;
 pub mod model;
+pub mod reconcile;
 
 mod envoy;
 
