@@ -45,6 +45,11 @@ pub enum StreamEvent {
         ty: ResourceType,
         nonce: String,
         version: String,
+        /// What Envoy now holds because of it: (name, version) pairs, and names it dropped.
+        /// With `complete`, `accepted` is everything Envoy holds of this type.
+        accepted: Vec<(String, String)>,
+        removed: Vec<String>,
+        complete: bool,
     },
     /// Envoy rejected the response with this nonce; it keeps serving its previous config.
     Nack {
@@ -82,6 +87,9 @@ struct Outstanding {
     version: String,
     /// Delta: the resources the response carried, for NACK bookkeeping.
     upserts: Vec<(String, String)>,
+    /// SotW: the whole view it carried.
+    view: Option<Vec<(String, String)>>,
+    removed: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -420,6 +428,13 @@ impl Streams {
                 .iter()
                 .map(|r| (r.name.clone(), r.version.clone()))
                 .collect(),
+            view: (!delta).then(|| {
+                plan.view
+                    .iter()
+                    .map(|r| (r.name.clone(), r.version.clone()))
+                    .collect()
+            }),
+            removed: plan.removes.clone(),
         });
         if ty == ResourceType::Cluster && !changed_clusters.is_empty() {
             let eds = self.state_mut(ResourceType::Endpoint);
@@ -467,6 +482,7 @@ impl Streams {
             None => {
                 st.rejected = false;
                 st.nacked.clear();
+                let complete = outstanding.view.is_some();
                 events.push(StreamEvent::Ack {
                     ty,
                     nonce: outstanding.nonce,
@@ -475,6 +491,9 @@ impl Streams {
                     } else {
                         version_info.to_owned()
                     },
+                    accepted: outstanding.view.unwrap_or(outstanding.upserts),
+                    removed: outstanding.removed,
+                    complete,
                 });
             }
         }

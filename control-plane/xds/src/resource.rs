@@ -90,7 +90,7 @@ impl ResourceType {
         )
     }
 
-    pub(crate) const fn index(self) -> usize {
+    pub const fn index(self) -> usize {
         self as usize
     }
 }

@@ -79,10 +79,14 @@ pub struct ClientStatus {
     pub synced_generation: Option<u64>,
 }
 
+/// What one Envoy holds, per type: resource name → version it ACKed.
+type Holdings = [HashMap<String, String>; crate::resource::COUNT];
+
 /// Connected Envoys, for status pages, readiness and tests.
 #[derive(Debug)]
 pub struct Clients {
     by_stream: Mutex<HashMap<u64, ClientStatus>>,
+    holdings: Mutex<HashMap<u64, Holdings>>,
     changed: watch::Sender<u64>,
     next_id: AtomicU64,
 }
@@ -91,6 +95,7 @@ impl Default for Clients {
     fn default() -> Self {
         Clients {
             by_stream: Mutex::new(HashMap::new()),
+            holdings: Mutex::new(HashMap::new()),
             changed: watch::Sender::new(0),
             next_id: AtomicU64::new(1),
         }
@@ -130,7 +135,51 @@ impl Clients {
         self.changed.send_modify(|g| *g += 1);
     }
 
+    fn record_ack(
+        &self,
+        id: u64,
+        ty: ResourceType,
+        accepted: Vec<(String, String)>,
+        removed: Vec<String>,
+        complete: bool,
+    ) {
+        let mut holdings = self.holdings.lock().unwrap();
+        let held = &mut holdings.entry(id).or_default()[ty.index()];
+        if complete {
+            held.clear();
+        }
+        held.extend(accepted);
+        for name in removed {
+            held.remove(&name);
+        }
+        drop(holdings);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Whether every connected Envoy has ACKed each of `wanted` (type, name, version).
+    /// `None` when no Envoy is connected.
+    pub fn all_hold(&self, wanted: &[(ResourceType, &str, &str)]) -> Option<bool> {
+        let holdings = self.holdings.lock().unwrap();
+        let connected: Vec<u64> = self.by_stream.lock().unwrap().keys().copied().collect();
+        if connected.is_empty() {
+            return None;
+        }
+        Some(connected.iter().all(|id| {
+            holdings.get(id).is_some_and(|h| {
+                wanted
+                    .iter()
+                    .all(|(ty, name, version)| h[ty.index()].get(*name).map(String::as_str) == Some(*version))
+            })
+        }))
+    }
+
+    /// How many Envoys are connected.
+    pub fn count(&self) -> usize {
+        self.by_stream.lock().unwrap().len()
+    }
+
     fn remove(&self, id: u64) {
+        self.holdings.lock().unwrap().remove(&id);
         self.by_stream.lock().unwrap().remove(&id);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -444,7 +493,15 @@ impl<P: Protocol> Connection<P> {
         let mode = P::MODE.as_str();
         for event in output.events {
             match event {
-                StreamEvent::Ack { ty, nonce, version } => {
+                StreamEvent::Ack {
+                    ty,
+                    nonce,
+                    version,
+                    accepted,
+                    removed,
+                    complete,
+                } => {
+                    self.clients.record_ack(self.id, ty, accepted, removed, complete);
                     debug!(node = %self.node_id, %ty, %version, "ACK");
                     if let Some(due) = self.in_flight.remove(&nonce) {
                         self.metrics

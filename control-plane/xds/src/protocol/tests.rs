@@ -184,7 +184,10 @@ fn sotw_ack_event_carries_version() {
         vec![StreamEvent::Ack {
             ty: CDS,
             nonce: cds.nonce.clone(),
-            version: cds.version_info
+            version: cds.version_info,
+            accepted: vec![("a".into(), snap.get(CDS, "a").unwrap().version.clone())],
+            removed: vec![],
+            complete: true,
         }]
     );
 }
