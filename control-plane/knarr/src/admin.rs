@@ -25,7 +25,11 @@ pub struct AdminState {
     pub clients: Arc<Clients>,
 }
 
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(crate) fn reply(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, content_type)
@@ -95,11 +99,16 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
 }
 
 /// Serves the admin endpoint on `listener` until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AdminState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: watch::Receiver<bool>) {
+    serve_http(listener, shutdown, move |req| handle(&state, req)).await;
+}
+
+/// A small read-only HTTP server: `handler` answers each request; runs until `shutdown`.
+pub async fn serve_http<F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: F)
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -108,21 +117,21 @@ pub async fn serve(
         let (stream, _) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                debug!(error = %e, "admin accept failed");
+                debug!(error = %e, "accept failed");
                 continue;
             }
         };
-        let state = state.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let resp = handle(&state, &req);
+                let resp = handler(&req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                debug!(error = %e, "admin connection error");
+                debug!(error = %e, "HTTP connection error");
             }
         });
     }

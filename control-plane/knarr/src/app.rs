@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use knarr_translate::kingress::GatewayConfig;
+use knarr_translate::reconcile::{ClassFilter, IngressIndex};
 use knarr_xds::{Clients, NodeGrouping, SnapshotCache, XdsMetrics, XdsServerConfig, XdsService};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -15,17 +17,29 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::file_source::FileSource;
+use crate::ingress_controller::IngressController;
 use crate::routes_file::Routes;
+use crate::status::LoadBalancerNames;
 
 /// Everything `knarr serve` needs, parsed and validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    /// Routes files to serve to every Envoy (the default group).
+    /// The read-only status API (`knarr get`).
+    pub api_addr: SocketAddr,
+    /// Directories of Knative/Kubernetes YAML, watched (`--source file:DIR`).
+    pub source_dirs: Vec<PathBuf>,
+    /// Single YAML files, watched (`-f FILE`).
+    pub files: Vec<PathBuf>,
+    /// Knarr routes files served as they are (`--routes FILE`), loaded once.
     pub route_files: Vec<PathBuf>,
     pub grouping: NodeGrouping,
     pub xds: XdsServerConfig,
+    pub gateway: GatewayConfig,
+    pub classes: ClassFilter,
+    pub lb_names: LoadBalancerNames,
 }
 
 impl Default for ServeConfig {
@@ -33,9 +47,18 @@ impl Default for ServeConfig {
         ServeConfig {
             xds_addr: ([127, 0, 0, 1], 18000).into(),
             admin_addr: ([127, 0, 0, 1], 18002).into(),
+            api_addr: ([127, 0, 0, 1], 18001).into(),
+            source_dirs: vec![],
+            files: vec![],
             route_files: vec![],
             grouping: NodeGrouping::NodeId,
             xds: XdsServerConfig::default(),
+            gateway: GatewayConfig {
+                address: [127, 0, 0, 1].into(),
+                ..Default::default()
+            },
+            classes: ClassFilter::default(),
+            lb_names: LoadBalancerNames::default(),
         }
     }
 }
@@ -44,28 +67,67 @@ impl Default for ServeConfig {
 pub struct ControlPlane {
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Where the status API listens (`None` when started without the ingress controller).
+    pub api_addr: Option<SocketAddr>,
     pub cache: Arc<SnapshotCache>,
     pub clients: Arc<Clients>,
     pub metrics: Arc<XdsMetrics>,
+    pub controller: Option<Arc<IngressController>>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
 
 impl ControlPlane {
-    /// Loads the config, binds both sockets and starts serving.
+    /// Loads the sources, binds every socket and starts serving and watching.
     pub async fn start(config: ServeConfig) -> anyhow::Result<ControlPlane> {
+        for dir in &config.source_dirs {
+            if !dir.is_dir() {
+                anyhow::bail!("--source file:{}: no such directory", dir.display());
+            }
+        }
+        for file in config.files.iter().chain(&config.route_files) {
+            if !file.is_file() {
+                anyhow::bail!("{}: no such file", file.display());
+            }
+        }
+        let statics = Routes::load(&config.route_files)?;
         let cache = Arc::new(SnapshotCache::new(config.grouping));
-        let routes = Routes::load(&config.route_files)?;
-        cache.set_default(knarr_translate::snapshot(
-            &routes.gateways,
-            &routes.backends,
+        let clients = Arc::new(Clients::default());
+        let index = IngressIndex::new(config.gateway.clone(), config.classes.clone());
+        let controller = Arc::new(IngressController::new(
+            index,
+            cache.clone(),
+            clients.clone(),
+            statics,
+            config.lb_names.clone(),
         ));
+        // Load everything before serving, so the first Envoy gets the whole config at once.
+        let started = std::time::Instant::now();
+        let mut source = FileSource::new(config.source_dirs.clone(), config.files.clone());
+        let initial = source.load();
+        crate::ingress_controller::log_load(&initial);
+        controller.apply(initial);
+        controller.publish();
         info!(
-            gateways = routes.gateways.len(),
-            backends = routes.backends.len(),
-            "config loaded"
+            ingresses = controller.ingress_count(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "sources loaded"
         );
-        Self::start_with_cache(config, cache).await
+        let api_listener = TcpListener::bind(config.api_addr)
+            .await
+            .with_context(|| format!("cannot listen for the status API on {}", config.api_addr))?;
+        let api_addr = api_listener.local_addr()?;
+        let mut cp = Self::start_inner(config, cache, clients, Some(controller.clone())).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let shutdown_rx = cp.shutdown.subscribe();
+        cp.tasks.spawn(source.watch(tx, shutdown_rx.clone()));
+        cp.tasks
+            .spawn(controller.clone().run(rx, shutdown_rx.clone()));
+        cp.tasks
+            .spawn(crate::api::serve(api_listener, controller, shutdown_rx));
+        cp.api_addr = Some(api_addr);
+        info!(%api_addr, "status API serving");
+        Ok(cp)
     }
 
     /// Starts serving whatever `cache` holds (the caller publishes snapshots).
@@ -73,9 +135,17 @@ impl ControlPlane {
         config: ServeConfig,
         cache: Arc<SnapshotCache>,
     ) -> anyhow::Result<ControlPlane> {
+        Self::start_inner(config, cache, Arc::new(Clients::default()), None).await
+    }
+
+    async fn start_inner(
+        config: ServeConfig,
+        cache: Arc<SnapshotCache>,
+        clients: Arc<Clients>,
+        controller: Option<Arc<IngressController>>,
+    ) -> anyhow::Result<ControlPlane> {
         let mut registry = Registry::default();
         let metrics = Arc::new(XdsMetrics::new(&mut registry));
-        let clients = Arc::new(Clients::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let xds_listener = TcpListener::bind(config.xds_addr)
@@ -113,9 +183,11 @@ impl ControlPlane {
         Ok(ControlPlane {
             xds_addr,
             admin_addr,
+            api_addr: None,
             cache,
             clients,
             metrics,
+            controller,
             shutdown,
             tasks,
         })

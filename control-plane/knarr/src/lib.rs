@@ -2,8 +2,12 @@
 //! and serves admin endpoints. `main.rs` parses the command line and calls into this.
 
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod bootstrap;
+pub mod file_source;
+pub mod ingress_controller;
 pub mod routes_file;
+pub mod status;
 
 pub use app::{ControlPlane, ServeConfig};

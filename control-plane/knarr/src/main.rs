@@ -8,7 +8,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use knarr::bootstrap::{self, BootstrapOptions};
 use knarr::{ControlPlane, ServeConfig};
+use knarr_translate::kingress::GatewayConfig;
+use knarr_translate::reconcile::ClassFilter;
 use knarr_xds::NodeGrouping;
+
+mod get;
 use tracing::{error, info};
 
 /// Exit code for bad configuration (sysexits EX_USAGE).
@@ -33,22 +37,80 @@ enum Grouping {
     Cluster,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum GetWhat {
+    /// KIngresses with their status conditions.
+    Ingresses,
+    /// Every problem the sources reported.
+    Errors,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address of the xDS gRPC server.
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    xds_addr: SocketAddr,
+    /// Address of the admin endpoint (/healthz, /readyz, /metrics, /clients).
+    #[arg(long, default_value = "127.0.0.1:18002")]
+    admin_addr: SocketAddr,
+    /// Address of the read-only status API that `knarr get` reads.
+    #[arg(long, default_value = "127.0.0.1:18001")]
+    api_addr: SocketAddr,
+    /// Where objects come from: `file:DIR` (repeatable). Every YAML file in DIR is loaded and
+    /// watched: KIngresses, Services, Endpoints, EndpointSlices and TLS Secrets.
+    #[arg(long = "source", value_name = "file:DIR")]
+    sources: Vec<String>,
+    /// A single YAML file of objects, watched (repeatable).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// A Knarr routes file (see examples/routes.yaml), served as it is (repeatable).
+    #[arg(long = "routes", value_name = "FILE")]
+    routes: Vec<PathBuf>,
+    /// How Envoys are grouped for config.
+    #[arg(long, value_enum, default_value = "node-id")]
+    group_by: Grouping,
+    /// Address the gateway Envoy listens on (0.0.0.0 in a cluster).
+    #[arg(long, default_value = "127.0.0.1")]
+    gateway_address: std::net::IpAddr,
+    /// External HTTP port of the gateway.
+    #[arg(long, default_value_t = 8080)]
+    external_port: u16,
+    /// Cluster-local HTTP port of the gateway.
+    #[arg(long, default_value_t = 8081)]
+    internal_port: u16,
+    /// External HTTPS port of the gateway (opened when an ingress has TLS).
+    #[arg(long, default_value_t = 8443)]
+    https_port: u16,
+    /// The ingress class to program (`networking.knative.dev/ingress.class`).
+    #[arg(long, default_value = knarr_model::KNARR_INGRESS_CLASS)]
+    ingress_class: String,
+    /// Leave ingresses without a class annotation alone (by default they are programmed).
+    #[arg(long)]
+    ignore_unannotated: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the control plane: the xDS (ADS) server Envoys connect to.
-    Serve {
-        /// Address of the xDS gRPC server.
-        #[arg(long, default_value = "127.0.0.1:18000")]
-        xds_addr: SocketAddr,
-        /// Address of the admin endpoint (/healthz, /readyz, /metrics, /clients).
-        #[arg(long, default_value = "127.0.0.1:18002")]
-        admin_addr: SocketAddr,
-        /// Routes file to serve (repeatable); see examples/routes.yaml.
-        #[arg(short = 'f', long = "file")]
-        files: Vec<PathBuf>,
-        /// How Envoys are grouped for config.
-        #[arg(long, value_enum, default_value = "node-id")]
-        group_by: Grouping,
+    /// Run the control plane: the xDS (ADS) server Envoys connect to, fed by Knative objects.
+    Serve(Box<ServeArgs>),
+    /// Show objects and their status from a running `knarr serve`.
+    Get {
+        /// What to list.
+        #[arg(value_enum)]
+        what: GetWhat,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+        /// The status API of `knarr serve`.
+        #[arg(long, default_value = "127.0.0.1:18001")]
+        api_addr: SocketAddr,
     },
     /// Print an Envoy bootstrap that connects to `knarr serve` over ADS.
     EnvoyBootstrap {
@@ -106,22 +168,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve {
-            xds_addr,
-            admin_addr,
-            files,
-            group_by,
-        } => {
+        Command::Serve(args) => {
             init_tracing();
-            let config = ServeConfig {
-                xds_addr,
-                admin_addr,
-                route_files: files,
-                grouping: match group_by {
-                    Grouping::NodeId => NodeGrouping::NodeId,
-                    Grouping::Cluster => NodeGrouping::Cluster,
-                },
-                ..Default::default()
+            let config = match serve_config(*args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("knarr serve: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -132,7 +186,55 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve(config))
         }
+        Command::Get {
+            what,
+            output,
+            api_addr,
+        } => match get::run(api_addr, what, output) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("knarr get: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn serve_config(args: ServeArgs) -> Result<ServeConfig, String> {
+    let mut source_dirs = Vec::new();
+    for source in &args.sources {
+        match source.split_once(':') {
+            Some(("file", dir)) if !dir.is_empty() => source_dirs.push(PathBuf::from(dir)),
+            _ => {
+                return Err(format!(
+                    "--source {source:?}: expected file:DIR (the Kubernetes source comes later)"
+                ))
+            }
+        }
+    }
+    Ok(ServeConfig {
+        xds_addr: args.xds_addr,
+        admin_addr: args.admin_addr,
+        api_addr: args.api_addr,
+        source_dirs,
+        files: args.files,
+        route_files: args.routes,
+        grouping: match args.group_by {
+            Grouping::NodeId => NodeGrouping::NodeId,
+            Grouping::Cluster => NodeGrouping::Cluster,
+        },
+        gateway: GatewayConfig {
+            address: args.gateway_address,
+            external_http_port: args.external_port,
+            internal_http_port: args.internal_port,
+            external_https_port: args.https_port,
+        },
+        classes: ClassFilter {
+            class: args.ingress_class,
+            take_unannotated: !args.ignore_unannotated,
+        },
+        ..Default::default()
+    })
 }
 
 async fn serve(config: ServeConfig) -> ExitCode {

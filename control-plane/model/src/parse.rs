@@ -84,9 +84,14 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
 /// serde_yaml's message without its trailing " at line L column C", and the line.
 fn yaml_error(e: &serde_yaml::Error, first_line: usize) -> (Option<usize>, String) {
     let line = e.location().map(|l| first_line + l.line() - 1);
+    // Drop every " at line L column C": the line is reported once, file-relative.
     let mut message = e.to_string();
-    if let Some(at) = message.rfind(" at line ") {
-        message.truncate(at);
+    while let Some(at) = message.find(" at line ") {
+        let rest = &message[at + " at line ".len()..];
+        let after_numbers = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == ' ' || "column".contains(c)))
+            .unwrap_or(rest.len());
+        message.replace_range(at..at + " at line ".len() + after_numbers, "");
     }
     (line, message)
 }

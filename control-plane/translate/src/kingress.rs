@@ -236,11 +236,13 @@ pub fn translate_ingress(ingress: &Ingress) -> IngressTranslation {
         let Some(http) = &rule.http else { continue };
         let rc_name = format!("{ns}/{name}/{r}");
         let routes = rule_routes(http, &hash, &mut out.backends);
-        out.route_configs.push(route_table(&rc_name, routes.clone(), false));
+        out.route_configs
+            .push(route_table(&rc_name, routes.clone(), false));
         let external = rule.visibility == Visibility::ExternalIP;
         let redirect_name = format!("{rc_name}/redirect");
         if external && redirected {
-            out.route_configs.push(route_table(&redirect_name, routes, true));
+            out.route_configs
+                .push(route_table(&redirect_name, routes, true));
         }
         for host in &rule.hosts {
             let host = bare_host(host);
@@ -286,8 +288,11 @@ fn rule_routes(
     let mut paths: Vec<_> = http.paths.iter().collect();
     // Longest prefix first; among equals, more header matches first. Stable otherwise.
     paths.sort_by(|a, b| {
-        let len = |p: &knarr_model::HttpIngressPath| if p.path.is_empty() { 1 } else { p.path.len() };
-        len(b).cmp(&len(a)).then(b.headers.len().cmp(&a.headers.len()))
+        let len =
+            |p: &knarr_model::HttpIngressPath| if p.path.is_empty() { 1 } else { p.path.len() };
+        len(b)
+            .cmp(&len(a))
+            .then(b.headers.len().cmp(&a.headers.len()))
     });
     let mut routes = Vec::new();
     for path in paths {
@@ -310,7 +315,11 @@ fn rule_routes(
             })
             .collect();
         let route = Route {
-            path_prefix: if path.path.is_empty() { "/".into() } else { path.path.clone() },
+            path_prefix: if path.path.is_empty() {
+                "/".into()
+            } else {
+                path.path.clone()
+            },
             headers: path
                 .headers
                 .iter()
@@ -326,7 +335,8 @@ fn rule_routes(
         let normal = envoy_route(&route);
         let mut probe = normal.clone();
         if let Some(m) = probe.r#match.as_mut() {
-            m.headers.push(exact_header(NETWORK_HASH_HEADER, HASH_OVERRIDE));
+            m.headers
+                .push(exact_header(NETWORK_HASH_HEADER, HASH_OVERRIDE));
         }
         probe
             .request_headers_to_add
@@ -365,15 +375,20 @@ fn route_table(
 fn scoped_hcm(tag: GatewayTag) -> HttpConnectionManager {
     let stamp = EarlyHeaderMutation {
         mutations: vec![Mutation {
-            action: Some(MutationAction::Append(set_header(GATEWAY_TAG_HEADER, tag.as_str()))),
+            action: Some(MutationAction::Append(set_header(
+                GATEWAY_TAG_HEADER,
+                tag.as_str(),
+            ))),
         }],
     };
     let extractor = |name: &str| FragmentBuilder {
-        r#type: Some(FragmentBuilderType::HeaderValueExtractor(HeaderValueExtractor {
-            name: name.to_owned(),
-            element_separator: String::new(),
-            extract_type: Some(ExtractType::Index(0)),
-        })),
+        r#type: Some(FragmentBuilderType::HeaderValueExtractor(
+            HeaderValueExtractor {
+                name: name.to_owned(),
+                element_separator: String::new(),
+                extract_type: Some(ExtractType::Index(0)),
+            },
+        )),
     };
     HttpConnectionManager {
         codec_type: CodecType::Auto as i32,
@@ -450,7 +465,10 @@ pub fn listeners(config: &GatewayConfig, tls: &[TlsBinding]) -> Vec<Listener> {
             .collect();
         out.push(Listener {
             name: GatewayTag::ExternalTls.listener_name().into(),
-            address: Some(crate::envoy::socket_address(config.address, config.external_https_port)),
+            address: Some(crate::envoy::socket_address(
+                config.address,
+                config.external_https_port,
+            )),
             listener_filters: vec![ListenerFilter {
                 name: "envoy.filters.listener.tls_inspector".into(),
                 config_type: Some(ListenerFilterConfigType::TypedConfig(any(
@@ -508,7 +526,10 @@ pub fn tls_secret(name: &str, pair: &TlsKeyPair) -> EnvoySecret {
 }
 
 /// The Service port a backend key names, if the Service has it.
-fn service_port<'s>(service: &'s Service, port: &IntOrString) -> Option<&'s knarr_model::ServicePort> {
+fn service_port<'s>(
+    service: &'s Service,
+    port: &IntOrString,
+) -> Option<&'s knarr_model::ServicePort> {
     service.spec.ports.iter().find(|p| match port {
         IntOrString::Int(n) => p.port == *n,
         IntOrString::String(name) => p.name == *name,
@@ -537,7 +558,11 @@ pub fn backend_cluster(key: &BackendKey, service: Option<&Service>) -> Cluster {
                 Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
             cluster.eds_cluster_config = None;
             cluster.lb_policy = LbPolicy::RoundRobin as i32;
-            cluster.load_assignment = Some(external_name_assignment(&name, &service.spec.external_name, port.port));
+            cluster.load_assignment = Some(external_name_assignment(
+                &name,
+                &service.spec.external_name,
+                port.port,
+            ));
         }
     }
     cluster
@@ -594,7 +619,9 @@ pub fn backend_endpoints(
     // Which endpoint port serves this Service port: same name; or, for a lone port, the only
     // one; or the numeric targetPort.
     let pick = |ports: &[knarr_model::EndpointPort]| -> Option<u16> {
-        let by_name = ports.iter().find(|p| !port.name.is_empty() && p.name == port.name);
+        let by_name = ports
+            .iter()
+            .find(|p| !port.name.is_empty() && p.name == port.name);
         let chosen = by_name
             .or_else(|| (single_port && ports.len() == 1).then(|| &ports[0]))
             .map(|p| p.port)
@@ -608,7 +635,9 @@ pub fn backend_endpoints(
     let mut found: BTreeMap<(IpAddr, u16), ()> = BTreeMap::new();
     if let Some(endpoints) = endpoints {
         for subset in &endpoints.subsets {
-            let Some(p) = pick(&subset.ports) else { continue };
+            let Some(p) = pick(&subset.ports) else {
+                continue;
+            };
             for address in &subset.addresses {
                 if let Ok(ip) = address.ip.parse() {
                     found.insert((ip, p), ());
@@ -617,7 +646,9 @@ pub fn backend_endpoints(
         }
     }
     for slice in slices {
-        let Some(p) = pick(&slice.ports) else { continue };
+        let Some(p) = pick(&slice.ports) else {
+            continue;
+        };
         for endpoint in &slice.endpoints {
             if endpoint.conditions.ready == Some(false) {
                 continue;

@@ -22,8 +22,19 @@ use crate::kingress::{
 /// A change from a source.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
+    /// The object is new or its content changed.
     Upsert(Object),
+    /// The object is gone.
     Delete(ObjectKey),
+}
+
+impl Change {
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Change::Upsert(object) => object.key(),
+            Change::Delete(key) => key.clone(),
+        }
+    }
 }
 
 /// What the translator knows about one ingress, for status.
@@ -175,7 +186,9 @@ impl IngressIndex {
                                     .cloned()
                                     .unwrap_or_default(),
                             );
-                            if let Some(old) = self.slice_owner.insert(ns_name(&key), service.clone()) {
+                            if let Some(old) =
+                                self.slice_owner.insert(ns_name(&key), service.clone())
+                            {
                                 if old != service {
                                     if let Some(m) = self.slices.get_mut(&old) {
                                         m.remove(&key.name);
@@ -361,7 +374,8 @@ impl IngressIndex {
                 }
             }
         }
-        self.programmed.insert(key.clone(), Programmed { translation: t });
+        self.programmed
+            .insert(key.clone(), Programmed { translation: t });
         true
     }
 
@@ -380,7 +394,8 @@ impl IngressIndex {
         if eds {
             self.builder.insert(&cla);
         } else {
-            self.builder.remove(ResourceType::Endpoint, &key.cluster_name());
+            self.builder
+                .remove(ResourceType::Endpoint, &key.cluster_name());
         }
     }
 
@@ -416,9 +431,14 @@ impl IngressIndex {
         let wanted = listeners(&self.gateway, &tls);
         self.listeners_tls = Some(tls);
         let names: BTreeSet<&str> = wanted.iter().map(|l| l.name.as_str()).collect();
-        for tag in [GatewayTag::External, GatewayTag::Internal, GatewayTag::ExternalTls] {
+        for tag in [
+            GatewayTag::External,
+            GatewayTag::Internal,
+            GatewayTag::ExternalTls,
+        ] {
             if !names.contains(tag.listener_name()) {
-                self.builder.remove(ResourceType::Listener, tag.listener_name());
+                self.builder
+                    .remove(ResourceType::Listener, tag.listener_name());
             }
         }
         for listener in &wanted {
@@ -447,8 +467,16 @@ impl IngressIndex {
             let t = &p.translation;
             hash = t.hash.clone();
             claims = t.claims.clone();
-            resources.extend(t.route_configs.iter().map(|r| (ResourceType::Route, r.name.clone())));
-            resources.extend(t.scopes.iter().map(|s| (ResourceType::ScopedRoute, s.name.clone())));
+            resources.extend(
+                t.route_configs
+                    .iter()
+                    .map(|r| (ResourceType::Route, r.name.clone())),
+            );
+            resources.extend(
+                t.scopes
+                    .iter()
+                    .map(|s| (ResourceType::ScopedRoute, s.name.clone())),
+            );
             for b in &t.backends {
                 resources.push((ResourceType::Cluster, b.cluster_name()));
             }
@@ -479,7 +507,10 @@ impl IngressIndex {
 }
 
 /// Convenience: everything at once, for tests and one-shot tools.
-pub fn translate_all(gateway: GatewayConfig, objects: Vec<Object>) -> (Snapshot, Vec<IngressState>) {
+pub fn translate_all(
+    gateway: GatewayConfig,
+    objects: Vec<Object>,
+) -> (Snapshot, Vec<IngressState>) {
     let mut index = IngressIndex::new(gateway, ClassFilter::default());
     index.apply(objects.into_iter().map(Change::Upsert));
     (index.snapshot(), index.states())

@@ -166,9 +166,9 @@ impl Clients {
         }
         Some(connected.iter().all(|id| {
             holdings.get(id).is_some_and(|h| {
-                wanted
-                    .iter()
-                    .all(|(ty, name, version)| h[ty.index()].get(*name).map(String::as_str) == Some(*version))
+                wanted.iter().all(|(ty, name, version)| {
+                    h[ty.index()].get(*name).map(String::as_str) == Some(*version)
+                })
             })
         }))
     }
@@ -501,7 +501,8 @@ impl<P: Protocol> Connection<P> {
                     removed,
                     complete,
                 } => {
-                    self.clients.record_ack(self.id, ty, accepted, removed, complete);
+                    self.clients
+                        .record_ack(self.id, ty, accepted, removed, complete);
                     debug!(node = %self.node_id, %ty, %version, "ACK");
                     if let Some(due) = self.in_flight.remove(&nonce) {
                         self.metrics

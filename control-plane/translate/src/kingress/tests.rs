@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use super::*;
 use crate::reconcile::{Change, ClassFilter, IngressIndex};
 use envoy_types::pb::envoy::config::route::v3::route::Action;
-use envoy_types::pb::envoy::config::route::v3::route_action::{ClusterSpecifier, HostRewriteSpecifier};
+use envoy_types::pb::envoy::config::route::v3::route_action::{
+    ClusterSpecifier, HostRewriteSpecifier,
+};
 use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
 use knarr_model::{parse_documents, Document, Object};
 use knarr_xds::{ResourceType, Snapshot};
@@ -69,7 +71,12 @@ fn describe(snap: &Snapshot) -> String {
             }
             other => format!("{other:?}"),
         };
-        writeln!(out, "listener {name} address={port} chains={}", chains.join(" ")).unwrap();
+        writeln!(
+            out,
+            "listener {name} address={port} chains={}",
+            chains.join(" ")
+        )
+        .unwrap();
     }
     for (name, r) in snap.resources(ResourceType::ScopedRoute) {
         let s = ScopedRouteConfiguration::decode(r.body.value.as_slice()).unwrap();
@@ -83,29 +90,64 @@ fn describe(snap: &Snapshot) -> String {
                 None => "?".into(),
             })
             .collect();
-        writeln!(out, "scope {name} key={} -> {}", key.join("+"), s.route_configuration_name).unwrap();
+        writeln!(
+            out,
+            "scope {name} key={} -> {}",
+            key.join("+"),
+            s.route_configuration_name
+        )
+        .unwrap();
     }
     for (name, r) in snap.resources(ResourceType::Route) {
         let rc = RouteConfiguration::decode(r.body.value.as_slice()).unwrap();
-        writeln!(out, "routes {name} remove={:?}", rc.request_headers_to_remove).unwrap();
+        writeln!(
+            out,
+            "routes {name} remove={:?}",
+            rc.request_headers_to_remove
+        )
+        .unwrap();
         for vh in rc.virtual_hosts {
-            writeln!(out, "  vhost domains={:?} require_tls={}", vh.domains, vh.require_tls).unwrap();
+            writeln!(
+                out,
+                "  vhost domains={:?} require_tls={}",
+                vh.domains, vh.require_tls
+            )
+            .unwrap();
             for route in vh.routes {
                 let m = route.r#match.unwrap();
                 let prefix = match m.path_specifier {
                     Some(PathSpecifier::Prefix(p)) => p,
                     other => format!("{other:?}"),
                 };
-                writeln!(out, "    match prefix={prefix} headers=[{}]", header_matchers(&m.headers)).unwrap();
+                writeln!(
+                    out,
+                    "    match prefix={prefix} headers=[{}]",
+                    header_matchers(&m.headers)
+                )
+                .unwrap();
                 if !route.request_headers_to_add.is_empty() {
-                    writeln!(out, "      set {}", headers_to_add(&route.request_headers_to_add)).unwrap();
+                    writeln!(
+                        out,
+                        "      set {}",
+                        headers_to_add(&route.request_headers_to_add)
+                    )
+                    .unwrap();
                 }
-                let Some(Action::Route(a)) = route.action else { panic!("not a route action") };
+                let Some(Action::Route(a)) = route.action else {
+                    panic!("not a route action")
+                };
                 match a.cluster_specifier.unwrap() {
                     ClusterSpecifier::Cluster(c) => writeln!(out, "      -> {c}").unwrap(),
                     ClusterSpecifier::WeightedClusters(w) => {
                         for c in w.clusters {
-                            writeln!(out, "      -> {} weight={} set [{}]", c.name, c.weight.unwrap().value, headers_to_add(&c.request_headers_to_add)).unwrap();
+                            writeln!(
+                                out,
+                                "      -> {} weight={} set [{}]",
+                                c.name,
+                                c.weight.unwrap().value,
+                                headers_to_add(&c.request_headers_to_add)
+                            )
+                            .unwrap();
                         }
                     }
                     other => writeln!(out, "      -> {other:?}").unwrap(),
@@ -140,7 +182,13 @@ fn describe(snap: &Snapshot) -> String {
             .endpoints
             .iter()
             .flat_map(|l| l.lb_endpoints.iter())
-            .map(|e| format!("{:?}", e.host_identifier).split("address: \"").nth(1).map(|s| s.split('"').next().unwrap_or_default().to_owned()).unwrap_or_default())
+            .map(|e| {
+                format!("{:?}", e.host_identifier)
+                    .split("address: \"")
+                    .nth(1)
+                    .map(|s| s.split('"').next().unwrap_or_default().to_owned())
+                    .unwrap_or_default()
+            })
             .collect();
         writeln!(out, "endpoints {name} {}", eps.join(",")).unwrap();
     }
@@ -269,14 +317,28 @@ fn domain_conflict_programs_only_the_first() {
     let copy = states.iter().find(|s| s.key.name == "hello-copy").unwrap();
     let conflict = copy.not_programmed.as_ref().unwrap();
     assert_eq!(conflict.reason, "DomainConflict");
-    assert!(conflict.message.contains("Ingress default/hello"), "{}", conflict.message);
-    assert!(!snap.resources(ResourceType::Route).keys().any(|k| k.contains("hello-copy")));
+    assert!(
+        conflict.message.contains("Ingress default/hello"),
+        "{}",
+        conflict.message
+    );
+    assert!(!snap
+        .resources(ResourceType::Route)
+        .keys()
+        .any(|k| k.contains("hello-copy")));
 
     // Once the first is gone, the second takes over.
     let mut index = index;
-    index.apply([Change::Delete(knarr_model::ObjectKey::new(knarr_model::Kind::Ingress, "default", "hello"))]);
+    index.apply([Change::Delete(knarr_model::ObjectKey::new(
+        knarr_model::Kind::Ingress,
+        "default",
+        "hello",
+    ))]);
     let snap = index.snapshot();
-    assert!(snap.resources(ResourceType::Route).keys().any(|k| k.contains("hello-copy")));
+    assert!(snap
+        .resources(ResourceType::Route)
+        .keys()
+        .any(|k| k.contains("hello-copy")));
     assert!(index.states()[0].not_programmed.is_none());
 }
 
@@ -313,7 +375,9 @@ fn ingress_change_touches_only_its_resources() {
         .replace("name: hello\n", "name: other\n")
         .replace("hello.default", "other.default");
     let (before, mut index) = translate(&format!("{HELLO}---{other}"));
-    let changed_other = other.replace("percent: 90\n", "percent: 80\n").replace("percent: 10\n", "percent: 20\n");
+    let changed_other = other
+        .replace("percent: 90\n", "percent: 80\n")
+        .replace("percent: 10\n", "percent: 20\n");
     index.apply(objects(&changed_other).into_iter().map(Change::Upsert));
     let after = index.snapshot();
     let mut changed = Vec::new();
@@ -331,7 +395,9 @@ fn ingress_change_touches_only_its_resources() {
 #[test]
 fn probe_hash_changes_with_the_spec() {
     let a = &objects(HELLO)[0];
-    let Object::Ingress(a) = a else { unreachable!() };
+    let Object::Ingress(a) = a else {
+        unreachable!()
+    };
     let mut b = a.clone();
     b.spec.rules[0].hosts.push("x.example.com".into());
     assert_ne!(ingress_hash(a), ingress_hash(&b));
@@ -345,7 +411,9 @@ fn every_route_has_no_timeout_and_no_retries() {
     for r in snap.resources(ResourceType::Route).values() {
         let rc = RouteConfiguration::decode(r.body.value.as_slice()).unwrap();
         for route in rc.virtual_hosts.iter().flat_map(|v| v.routes.iter()) {
-            let Some(Action::Route(a)) = &route.action else { panic!() };
+            let Some(Action::Route(a)) = &route.action else {
+                panic!()
+            };
             assert_eq!(a.timeout.as_ref().map(|d| d.seconds), Some(0));
             assert!(a.retry_policy.is_none());
         }

@@ -1,0 +1,186 @@
+//! The loop between the source and the xDS cache: apply each batch of object changes to the
+//! incremental ingress index, publish the next snapshot, and keep the source's errors for status.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use knarr_model::{Kind, ObjectKey};
+use knarr_translate::reconcile::IngressIndex;
+use knarr_xds::{Clients, SnapshotBuilder, SnapshotCache};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::file_source::{Batch, FileError};
+use crate::routes_file::Routes;
+use crate::status::{self, IngressReport, LoadBalancerNames};
+
+/// Shared state of the ingress controller, read by the status API.
+pub struct IngressController {
+    index: Mutex<IngressIndex>,
+    /// Source errors, per file.
+    errors: Mutex<BTreeMap<PathBuf, Vec<FileError>>>,
+    cache: Arc<SnapshotCache>,
+    clients: Arc<Clients>,
+    /// Static routes (`--routes` files) served alongside the ingresses.
+    statics: Routes,
+    names: LoadBalancerNames,
+}
+
+impl IngressController {
+    pub fn new(
+        index: IngressIndex,
+        cache: Arc<SnapshotCache>,
+        clients: Arc<Clients>,
+        statics: Routes,
+        names: LoadBalancerNames,
+    ) -> Self {
+        IngressController {
+            index: Mutex::new(index),
+            errors: Mutex::new(BTreeMap::new()),
+            cache,
+            clients,
+            statics,
+            names,
+        }
+    }
+
+    /// Applies one batch and publishes the result.
+    pub fn apply(&self, batch: Batch) {
+        let started = Instant::now();
+        {
+            let mut errors = self.errors.lock().unwrap();
+            for file in &batch.cleared {
+                errors.remove(file);
+            }
+            let mut fresh: BTreeMap<PathBuf, Vec<FileError>> = BTreeMap::new();
+            for e in batch.errors {
+                fresh.entry(e.file.clone()).or_default().push(e);
+            }
+            errors.extend(fresh);
+        }
+        if batch.changes.is_empty() {
+            return;
+        }
+        let count = batch.changes.len();
+        let snapshot = {
+            let mut index = self.index.lock().unwrap();
+            let changed = index.apply(batch.changes);
+            debug!(
+                objects = count,
+                ingresses = changed.len(),
+                "applied changes"
+            );
+            self.compose(&index)
+        };
+        let published = self.cache.set_default(snapshot);
+        info!(
+            objects = count,
+            generation = published.generation(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "config published"
+        );
+    }
+
+    /// The index's snapshot plus any static routes.
+    fn compose(&self, index: &IngressIndex) -> knarr_xds::Snapshot {
+        if self.statics.gateways.is_empty() && self.statics.backends.is_empty() {
+            return index.snapshot();
+        }
+        let mut builder: SnapshotBuilder = index.snapshot().to_builder();
+        knarr_translate::add_to(&mut builder, &self.statics.gateways, &self.statics.backends);
+        builder.build()
+    }
+
+    /// Publishes the current state (used at startup, even with nothing loaded).
+    pub fn publish(&self) {
+        let index = self.index.lock().unwrap();
+        self.cache.set_default(self.compose(&index));
+    }
+
+    /// Runs until the source closes or `shutdown` turns true.
+    pub async fn run(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Batch>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                batch = rx.recv() => match batch {
+                    Some(batch) => self.apply(batch),
+                    None => return,
+                },
+                () = knarr_xds::server::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// Every ingress: of our class and loaded, or rejected by the source.
+    pub fn reports(&self) -> Vec<IngressReport> {
+        let errors = self.object_errors();
+        let index = self.index.lock().unwrap();
+        let snapshot = self.cache.get(knarr_xds::DEFAULT_GROUP).unwrap_or_default();
+        let mut out: Vec<IngressReport> = index
+            .states()
+            .iter()
+            .map(|state| {
+                status::report(
+                    state,
+                    &snapshot,
+                    &self.clients,
+                    errors.get(&state.key).map(String::as_str),
+                    &self.names,
+                )
+            })
+            .collect();
+        for (key, error) in &errors {
+            if key.kind == Kind::Ingress && index.ingress(key).is_none() {
+                out.push(status::invalid_report(key, error));
+            }
+        }
+        out.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        out
+    }
+
+    /// Errors that name an object, by object.
+    fn object_errors(&self) -> BTreeMap<ObjectKey, String> {
+        let errors = self.errors.lock().unwrap();
+        let mut out = BTreeMap::new();
+        for e in errors.values().flatten() {
+            if let Some(key) = &e.object {
+                out.insert(key.clone(), e.message.clone());
+            }
+        }
+        out
+    }
+
+    /// Every source error, as messages.
+    pub fn errors(&self) -> Vec<String> {
+        self.errors
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .map(|e| e.message.clone())
+            .collect()
+    }
+
+    /// Number of ingresses programmed or known.
+    pub fn ingress_count(&self) -> usize {
+        self.index.lock().unwrap().len()
+    }
+}
+
+/// Logs a batch's errors (the file source already warns; this covers the first load summary).
+pub fn log_load(batch: &Batch) {
+    if !batch.errors.is_empty() {
+        warn!(
+            errors = batch.errors.len(),
+            "some objects could not be loaded; see messages above"
+        );
+    }
+}
