@@ -154,7 +154,9 @@ fn get_request(host: &str, path: &str) -> anyhow::Result<Request<Bytes>> {
         .with_context(|| format!("building GET {host}{path}"))
 }
 
-async fn buffer(resp: http::Response<hyper::body::Incoming>) -> anyhow::Result<HttpReply> {
+pub(crate) async fn buffer(
+    resp: http::Response<hyper::body::Incoming>,
+) -> anyhow::Result<HttpReply> {
     let (parts, body) = resp.into_parts();
     let body = body
         .collect()

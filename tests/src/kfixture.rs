@@ -130,7 +130,10 @@ impl KFixture {
 
     pub async fn apply(&mut self, changes: Vec<Change>) -> anyhow::Result<()> {
         self.index.apply(changes);
-        let generation = self.cache.set(DEFAULT_GROUP, self.index.snapshot()).generation();
+        let generation = self
+            .cache
+            .set(DEFAULT_GROUP, self.index.snapshot())
+            .generation();
         let node = self.node.clone();
         let clients = self.cp.clients.clone();
         tokio::time::timeout(

@@ -13,6 +13,9 @@
 //!   name and echo selected request headers, so a test can see where Envoy
 //!   routed a request and what it added on the way.
 //! - [`http_get`] / [`HttpClient`]: a minimal HTTP client for driving traffic.
+//! - [`conformance`]: gRPC and WebSocket echo backends and clients, TLS
+//!   certificates and an HTTPS client, and a load generator, for Knative's
+//!   ingress conformance cases.
 //! - [`trace_init`] and [`poll_until`].
 //!
 //! Data flows: test → bootstrap YAML → [`Envoy`] process; test traffic →
@@ -21,8 +24,10 @@
 
 mod admin;
 mod client;
+pub mod conformance;
 mod envoy;
 mod install;
+pub mod kfixture;
 mod upstream;
 
 use std::future::Future;
@@ -30,6 +35,10 @@ use std::time::Duration;
 
 pub use admin::{ConfigDump, ResourceKind};
 pub use client::{http_get, http_send, HttpClient, HttpReply, REQUEST_TIMEOUT};
+pub use conformance::{
+    https_get, ws_connect, GrpcEcho, GrpcStreamClient, LoadGenerator, LoadSummary, TestCa,
+    WebSocketEcho, WsClient,
+};
 pub use envoy::{Envoy, EnvoyBuilder, STARTUP_TIMEOUT};
 pub use install::{envoy_binary, ENVOY_VERSION};
 pub use upstream::{Upstream, UpstreamBuilder};

@@ -27,25 +27,56 @@ fn simple_rule(host: &str, service: &str, visibility: &str) -> String {
 async fn basics(delta: bool) {
     let mut f = KFixture::start(delta).await.unwrap();
     let up = Upstream::start("basics").await.unwrap();
-    f.apply_yaml(&service_yaml("basics", "http", up.addr())).await.unwrap();
+    f.apply_yaml(&service_yaml("basics", "http", up.addr()))
+        .await
+        .unwrap();
     f.apply_yaml(&ingress(
         "basics",
-        &format!("  rules:\n{}", simple_rule("basics.example.com", "basics", "ExternalIP")),
+        &format!(
+            "  rules:\n{}",
+            simple_rule("basics.example.com", "basics", "ExternalIP")
+        ),
     ))
     .await
     .unwrap();
-    KFixture::wait_200(&f.external, "basics.example.com", "/").await.unwrap();
+    KFixture::wait_200(&f.external, "basics.example.com", "/")
+        .await
+        .unwrap();
     let r = f.external.get("basics.example.com", "/").await.unwrap();
     assert_eq!(r.body, "basics");
     assert_eq!(r.header("x-echo-knative-serving-revision"), Some("basics"));
-    assert_eq!(r.header("x-echo-knative-serving-namespace"), Some("default"));
+    assert_eq!(
+        r.header("x-echo-knative-serving-namespace"),
+        Some("default")
+    );
     // The gateway tag never reaches the backend.
     assert_eq!(r.header("x-echo-x-knarr-gateway"), None);
     // A port in the host changes nothing; the internal gateway serves external rules too.
-    assert_eq!(f.external.get("basics.example.com:8080", "/").await.unwrap().body, "basics");
-    assert_eq!(f.internal.get("basics.example.com", "/").await.unwrap().body, "basics");
+    assert_eq!(
+        f.external
+            .get("basics.example.com:8080", "/")
+            .await
+            .unwrap()
+            .body,
+        "basics"
+    );
+    assert_eq!(
+        f.internal
+            .get("basics.example.com", "/")
+            .await
+            .unwrap()
+            .body,
+        "basics"
+    );
     // Unknown hosts: 404.
-    assert_eq!(f.external.get("nope.example.com", "/").await.unwrap().status, 404);
+    assert_eq!(
+        f.external
+            .get("nope.example.com", "/")
+            .await
+            .unwrap()
+            .status,
+        404
+    );
 }
 
 #[tokio::test]
@@ -62,12 +93,18 @@ async fn basics_sotw() {
 async fn visibility_cluster_local_is_404_outside() {
     let mut f = KFixture::start(true).await.unwrap();
     let up = Upstream::start("private").await.unwrap();
-    f.apply_yaml(&service_yaml("private", "http", up.addr())).await.unwrap();
+    f.apply_yaml(&service_yaml("private", "http", up.addr()))
+        .await
+        .unwrap();
     f.apply_yaml(&ingress(
         "private",
         &format!(
             "  rules:\n{}",
-            simple_rule("private.default.svc.cluster.local", "private", "ClusterLocal")
+            simple_rule(
+                "private.default.svc.cluster.local",
+                "private",
+                "ClusterLocal"
+            )
         ),
     ))
     .await
@@ -105,7 +142,9 @@ async fn percentage_split_follows_weights() {
     for (i, w) in weights.iter().enumerate() {
         let name = format!("pct{i}");
         let up = Upstream::start(&name).await.unwrap();
-        f.apply_yaml(&service_yaml(&name, "http", up.addr())).await.unwrap();
+        f.apply_yaml(&service_yaml(&name, "http", up.addr()))
+            .await
+            .unwrap();
         splits.push_str(&format!(
             "        - serviceName: {name}\n          servicePort: 80\n          percent: {w}\n"
         ));
@@ -117,7 +156,9 @@ async fn percentage_split_follows_weights() {
     ))
     .await
     .unwrap();
-    KFixture::wait_200(&f.external, "pct.example.com", "/").await.unwrap();
+    KFixture::wait_200(&f.external, "pct.example.com", "/")
+        .await
+        .unwrap();
     let mut seen: HashMap<String, u32> = HashMap::new();
     let total = 1000;
     for _ in 0..total {
@@ -130,7 +171,10 @@ async fn percentage_split_follows_weights() {
         if *w == 0 {
             assert_eq!(got, 0.0, "pct{i} has 0% but got {got}%");
         } else {
-            assert!((got - f64::from(*w)).abs() <= 10.0, "pct{i}: want {w}%, got {got}%");
+            assert!(
+                (got - f64::from(*w)).abs() <= 10.0,
+                "pct{i}: want {w}%, got {got}%"
+            );
         }
     }
 }
@@ -139,18 +183,36 @@ async fn percentage_split_follows_weights() {
 async fn deleting_an_ingress_removes_its_hosts() {
     let mut f = KFixture::start(true).await.unwrap();
     let up = Upstream::start("gone").await.unwrap();
-    f.apply_yaml(&service_yaml("gone", "http", up.addr())).await.unwrap();
+    f.apply_yaml(&service_yaml("gone", "http", up.addr()))
+        .await
+        .unwrap();
     f.apply_yaml(&ingress(
         "gone",
-        &format!("  rules:\n{}", simple_rule("gone.example.com", "gone", "ExternalIP")),
+        &format!(
+            "  rules:\n{}",
+            simple_rule("gone.example.com", "gone", "ExternalIP")
+        ),
     ))
     .await
     .unwrap();
-    KFixture::wait_200(&f.external, "gone.example.com", "/").await.unwrap();
-    f.apply(vec![Change::Delete(ObjectKey::new(Kind::Ingress, "default", "gone"))])
+    KFixture::wait_200(&f.external, "gone.example.com", "/")
         .await
         .unwrap();
-    assert_eq!(f.external.get("gone.example.com", "/").await.unwrap().status, 404);
+    f.apply(vec![Change::Delete(ObjectKey::new(
+        Kind::Ingress,
+        "default",
+        "gone",
+    ))])
+    .await
+    .unwrap();
+    assert_eq!(
+        f.external
+            .get("gone.example.com", "/")
+            .await
+            .unwrap()
+            .status,
+        404
+    );
     assert!(!f
         .envoy
         .cluster_names()
