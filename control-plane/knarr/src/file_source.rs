@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use knarr_model::{parse_documents, Document, Object, ObjectKey};
@@ -79,7 +80,7 @@ pub struct FileSource {
     /// The files defining each object, the one whose definition is used last.
     owners: HashMap<ObjectKey, Vec<PathBuf>>,
     /// What the consumer has been told: the object behind every upsert not since deleted.
-    applied: HashMap<ObjectKey, Object>,
+    applied: HashMap<ObjectKey, Arc<Object>>,
     /// Directories that could not be listed last time.
     dir_errors: BTreeSet<PathBuf>,
     /// Files found missing while they still had objects, and since when (see [`DELETE_GRACE`]).
@@ -89,11 +90,14 @@ pub struct FileSource {
 #[derive(Debug, Default)]
 struct FileState {
     /// The objects this file last contributed successfully.
-    objects: BTreeMap<ObjectKey, Object>,
+    objects: BTreeMap<ObjectKey, Arc<Object>>,
     /// The errors of its last read.
     read_errors: Vec<FileError>,
     /// The errors last reported for it: `read_errors` and conflicts with other files.
     reported: Vec<FileError>,
+    /// A hash of the text last parsed: the same text again needs no parsing (the catch-up
+    /// read when watching starts, editors that save without changes).
+    text_hash: Option<u64>,
 }
 
 enum Contents {
@@ -325,6 +329,9 @@ impl FileSource {
                     }
                     self.missing_since.remove(path);
                     self.replace(path, BTreeMap::new(), &mut touched);
+                    if let Some(state) = self.state.get_mut(path) {
+                        state.text_hash = None;
+                    }
                     if explicit {
                         let error = FileError {
                             file: path.clone(),
@@ -348,14 +355,23 @@ impl FileSource {
                         object: None,
                         message: format!("{}: cannot read: {e}", path.display()),
                     };
-                    self.state_mut(path).read_errors = vec![error];
+                    let state = self.state_mut(path);
+                    state.read_errors = vec![error];
+                    state.text_hash = None;
                     read.insert(path.clone());
                 }
                 Contents::Text(text) => {
                     self.missing_since.remove(path);
+                    let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
+                    if self.state.get(path).and_then(|s| s.text_hash) == Some(hash) {
+                        read.insert(path.clone());
+                        continue;
+                    }
                     let (objects, errors) = self.parse(path, &text);
                     self.replace(path, objects, &mut touched);
-                    self.state_mut(path).read_errors = errors;
+                    let state = self.state_mut(path);
+                    state.read_errors = errors;
+                    state.text_hash = Some(hash);
                     read.insert(path.clone());
                 }
             }
@@ -365,7 +381,7 @@ impl FileSource {
     }
 
     /// The objects `path` contributes after reading `text`, and its errors.
-    fn parse(&self, path: &Path, text: &str) -> (BTreeMap<ObjectKey, Object>, Vec<FileError>) {
+    fn parse(&self, path: &Path, text: &str) -> (BTreeMap<ObjectKey, Arc<Object>>, Vec<FileError>) {
         let shown = path.display().to_string();
         let mut objects = BTreeMap::new();
         let mut lines = BTreeMap::new();
@@ -385,7 +401,7 @@ impl FileSource {
                             ),
                         });
                     }
-                    objects.insert(key, object);
+                    objects.insert(key, Arc::new(object));
                 }
                 Document::Foreign { .. } => {}
                 Document::Untyped { line, .. } => {
@@ -427,7 +443,7 @@ impl FileSource {
     fn replace(
         &mut self,
         path: &Path,
-        objects: BTreeMap<ObjectKey, Object>,
+        objects: BTreeMap<ObjectKey, Arc<Object>>,
         touched: &mut BTreeSet<ObjectKey>,
     ) {
         let state = self.state.entry(path.to_owned()).or_default();
@@ -531,10 +547,15 @@ impl FileSource {
                 .and_then(|path| self.state.get(path))
                 .and_then(|state| state.objects.get(&key));
             match current {
-                Some(object) if self.applied.get(&key) != Some(object) => {
+                Some(object)
+                    if !self
+                        .applied
+                        .get(&key)
+                        .is_some_and(|sent| Arc::ptr_eq(sent, object) || sent == object) =>
+                {
                     debug!(object = %key, "upsert");
-                    self.applied.insert(key, object.clone());
-                    batch.changes.push(Change::Upsert(object.clone()));
+                    self.applied.insert(key, Arc::clone(object));
+                    batch.changes.push(Change::Upsert(Object::clone(object)));
                 }
                 Some(_) => {}
                 None => {

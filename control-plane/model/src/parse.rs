@@ -206,16 +206,28 @@ fn parse_document(file: &str, chunk_start: usize, doc: &str, out: &mut Vec<Docum
         return;
     }
 
-    fn typed<T: DeserializeOwned>(doc: &str, start: usize) -> Result<T, (Option<usize>, String)> {
-        serde_yaml::from_str(doc).map_err(|e| yaml_error(&e, start))
+    // The document is already parsed: convert the tree (fast); only if that fails, parse the
+    // text again for an error with a line number.
+    let tree = value;
+    fn typed_from<T: DeserializeOwned>(
+        tree: Value,
+        doc: &str,
+        start: usize,
+    ) -> Result<T, (Option<usize>, String)> {
+        match serde_yaml::from_value(tree) {
+            Ok(t) => Ok(t),
+            Err(_) => serde_yaml::from_str(doc).map_err(|e| yaml_error(&e, start)),
+        }
     }
     let s = chunk_start;
     let parsed: Result<Object, (Option<usize>, String)> = match kind {
-        Kind::Ingress => typed(doc, s).map(Object::Ingress),
-        Kind::Service => typed(doc, s).map(Object::Service),
-        Kind::Endpoints => typed(doc, s).map(Object::Endpoints),
-        Kind::EndpointSlice => typed(doc, s).map(Object::EndpointSlice),
-        Kind::Secret => typed(doc, s).map(|sec| Object::TlsSecret(sec, Default::default())),
+        Kind::Ingress => typed_from(tree, doc, s).map(Object::Ingress),
+        Kind::Service => typed_from(tree, doc, s).map(Object::Service),
+        Kind::Endpoints => typed_from(tree, doc, s).map(Object::Endpoints),
+        Kind::EndpointSlice => typed_from(tree, doc, s).map(Object::EndpointSlice),
+        Kind::Secret => {
+            typed_from(tree, doc, s).map(|sec| Object::TlsSecret(sec, Default::default()))
+        }
     };
     let mut object = match parsed {
         Ok(o) => o,

@@ -86,9 +86,29 @@ impl ClassFilter {
 
 type NsName = (String, String);
 
+/// What an ingress contributed: names only (the resources themselves live in the builder).
 #[derive(Debug, Default)]
 struct Programmed {
-    translation: IngressTranslation,
+    route_configs: Vec<String>,
+    scopes: Vec<String>,
+    claims: Vec<(GatewayTag, String)>,
+    backends: BTreeSet<BackendKey>,
+    tls: Vec<TlsBinding>,
+    hash: String,
+}
+
+impl Programmed {
+    fn of(t: IngressTranslation) -> Self {
+        Programmed {
+            // Not `into_iter()`: an in-place collect would keep the protos' large buffers alive.
+            route_configs: t.route_configs.iter().map(|r| r.name.clone()).collect(),
+            scopes: t.scopes.iter().map(|s| s.name.clone()).collect(),
+            claims: t.claims,
+            backends: t.backends,
+            tls: t.tls,
+            hash: t.hash,
+        }
+    }
 }
 
 /// The incremental KIngress translator.
@@ -263,10 +283,17 @@ impl IngressIndex {
         }
 
         for service in dirty_services {
+            // The backends of one Service are contiguous in key order (Int ports sort first).
+            let first = BackendKey {
+                namespace: service.0.clone(),
+                service: service.1.clone(),
+                port: knarr_model::IntOrString::Int(i64::MIN),
+            };
             let keys: Vec<BackendKey> = self
                 .backend_users
-                .keys()
-                .filter(|b| b.namespace == service.0 && b.service == service.1)
+                .range(first..)
+                .map(|(k, _)| k)
+                .take_while(|b| b.namespace == service.0 && b.service == service.1)
                 .cloned()
                 .collect();
             for key in keys {
@@ -286,12 +313,12 @@ impl IngressIndex {
         let Some(old) = self.programmed.remove(key) else {
             return false;
         };
-        let t = old.translation;
+        let t = old;
         for rc in &t.route_configs {
-            self.builder.remove(ResourceType::Route, &rc.name);
+            self.builder.remove(ResourceType::Route, rc);
         }
         for scope in &t.scopes {
-            self.builder.remove(ResourceType::ScopedRoute, &scope.name);
+            self.builder.remove(ResourceType::ScopedRoute, scope);
         }
         for claim in &t.claims {
             if self.owners.get(claim) == Some(key) {
@@ -374,8 +401,7 @@ impl IngressIndex {
                 }
             }
         }
-        self.programmed
-            .insert(key.clone(), Programmed { translation: t });
+        self.programmed.insert(key.clone(), Programmed::of(t));
         true
     }
 
@@ -464,18 +490,18 @@ impl IngressIndex {
         let mut claims = Vec::new();
         let mut hash = String::new();
         if let Some(p) = programmed {
-            let t = &p.translation;
+            let t = p;
             hash = t.hash.clone();
             claims = t.claims.clone();
             resources.extend(
                 t.route_configs
                     .iter()
-                    .map(|r| (ResourceType::Route, r.name.clone())),
+                    .map(|r| (ResourceType::Route, r.clone())),
             );
             resources.extend(
                 t.scopes
                     .iter()
-                    .map(|s| (ResourceType::ScopedRoute, s.name.clone())),
+                    .map(|s| (ResourceType::ScopedRoute, s.clone())),
             );
             for b in &t.backends {
                 resources.push((ResourceType::Cluster, b.cluster_name()));

@@ -4,7 +4,7 @@
 //! stream loads the current one through `arc-swap` and is woken through a `watch` channel. Nothing
 //! is ever mutated in place, so a stream always sees one whole, consistent config.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,8 +15,9 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::resource::{Resource, ResourceType, XdsResource, COUNT};
 
-/// Resources of one type, by name.
-pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
+/// Resources of one type, by name: a persistent map, so a snapshot derived from another shares
+/// its structure and costs work proportional to the change, not to the whole config.
+pub type ResourceMap = imbl::OrdMap<String, Arc<Resource>>;
 
 /// One complete config for a group of Envoys.
 #[derive(Debug, Clone, Default)]
@@ -27,6 +28,9 @@ pub struct Snapshot {
     published_at: Option<Instant>,
     /// Set by the cache on publication: increases with every publish.
     generation: u64,
+    /// Per type, the sum of the resources' (name, version) hashes: the set version, kept up to
+    /// date on every insert and remove instead of rehashing everything.
+    sums: [u64; COUNT],
 }
 
 impl Snapshot {
@@ -39,6 +43,7 @@ impl Snapshot {
     pub fn to_builder(&self) -> SnapshotBuilder {
         SnapshotBuilder {
             resources: self.resources.clone(),
+            sums: self.sums,
         }
     }
 
@@ -65,7 +70,7 @@ impl Snapshot {
     }
 
     pub fn len(&self) -> usize {
-        self.resources.iter().map(BTreeMap::len).sum()
+        self.resources.iter().map(ResourceMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -77,6 +82,16 @@ impl Snapshot {
 #[derive(Debug, Default, Clone)]
 pub struct SnapshotBuilder {
     resources: [ResourceMap; COUNT],
+    sums: [u64; COUNT],
+}
+
+/// One resource's share of its type's set version.
+fn entry_hash(r: &Resource) -> u64 {
+    let mut hasher = Xxh3::new();
+    hasher.update(r.name.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(r.version.as_bytes());
+    hasher.digest()
 }
 
 impl SnapshotBuilder {
@@ -93,20 +108,28 @@ impl SnapshotBuilder {
 
     /// Adds an already encoded resource.
     pub fn insert_resource(&mut self, ty: ResourceType, resource: Arc<Resource>) -> &mut Self {
-        self.resources[ty.index()].insert(resource.name.clone(), resource);
+        let i = ty.index();
+        self.sums[i] = self.sums[i].wrapping_add(entry_hash(&resource));
+        if let Some(old) = self.resources[i].insert(resource.name.clone(), resource) {
+            self.sums[i] = self.sums[i].wrapping_sub(entry_hash(&old));
+        }
         self
     }
 
     pub fn remove(&mut self, ty: ResourceType, name: &str) -> &mut Self {
-        self.resources[ty.index()].remove(name);
+        let i = ty.index();
+        if let Some(old) = self.resources[i].remove(name) {
+            self.sums[i] = self.sums[i].wrapping_sub(entry_hash(&old));
+        }
         self
     }
 
+    /// O(1): the maps are shared, the set versions already known.
     pub fn build(self) -> Snapshot {
-        let versions = ResourceType::ALL.map(|ty| set_version(self.resources[ty.index()].values()));
         Snapshot {
+            versions: self.sums.map(|sum| format!("{sum:016x}")),
             resources: self.resources,
-            versions,
+            sums: self.sums,
             published_at: None,
             generation: 0,
         }
