@@ -124,8 +124,13 @@ impl KFixture {
 
     /// Applies objects (upserts) and waits until Envoy has ACKed the result.
     pub async fn apply_yaml(&mut self, yaml: &str) -> anyhow::Result<()> {
-        self.apply(objects(yaml).into_iter().map(Change::Upsert).collect())
-            .await
+        self.apply(
+            objects(yaml)
+                .into_iter()
+                .map(|o| Change::Upsert(o.into()))
+                .collect(),
+        )
+        .await
     }
 
     pub async fn apply(&mut self, changes: Vec<Change>) -> anyhow::Result<()> {

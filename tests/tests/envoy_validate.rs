@@ -63,7 +63,7 @@ fn generated_config_passes_envoy_validate() {
     let mut index = IngressIndex::new(GatewayConfig::default(), ClassFilter::default());
     let mut all = objects(OBJECTS);
     all.extend(objects(MORE));
-    index.apply(all.into_iter().map(Change::Upsert));
+    index.apply(all.into_iter().map(|o| Change::Upsert(o.into())));
     let snap = index.snapshot();
     assert!(
         snap.len() > 10,

@@ -555,7 +555,7 @@ impl FileSource {
                 {
                     debug!(object = %key, "upsert");
                     self.applied.insert(key, Arc::clone(object));
-                    batch.changes.push(Change::Upsert(Object::clone(object)));
+                    batch.changes.push(Change::Upsert(Arc::clone(object)));
                 }
                 Some(_) => {}
                 None => {
@@ -701,9 +701,10 @@ mod tests {
 
     fn port_of(batch: &Batch, name: &str) -> Option<i64> {
         batch.changes.iter().find_map(|c| match c {
-            Change::Upsert(Object::Service(s)) if s.metadata.name == name => {
-                Some(s.spec.ports[0].port)
-            }
+            Change::Upsert(o) => match &**o {
+                Object::Service(s) if s.metadata.name == name => Some(s.spec.ports[0].port),
+                _ => None,
+            },
             _ => None,
         })
     }

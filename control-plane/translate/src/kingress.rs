@@ -6,8 +6,8 @@
 //!   SDS). Each listener stamps requests with its *gateway tag* (`x-knarr-gateway`, set before
 //!   routing, never seen by backends) and routes through scoped routes keyed on
 //!   `(tag, host without port)`.
-//! - Per ingress: one route table per rule (plus a redirecting twin when `httpOption:
-//!   Redirected`), and one routing scope per (tag, host) the rule is visible on. External rules
+//! - Per ingress: one route table with a virtual host per rule (plus a redirecting twin when
+//!   `httpOption: Redirected`), and one routing scope per (tag, host) a rule is visible on. External rules
 //!   are visible on the external and the cluster-local gateways; cluster-local rules only on the
 //!   cluster-local one, so asking the external gateway for them finds no scope: 404.
 //! - Backends: one EDS cluster per (namespace, service, port) as the splits name it, shared by
@@ -232,20 +232,37 @@ pub fn translate_ingress(ingress: &Ingress) -> IngressTranslation {
     };
     let mut claimed = BTreeSet::new();
 
+    // One route table for the whole ingress (a virtual host per rule, matched by host), and a
+    // redirecting twin for its external rules when `httpOption: Redirected`.
+    let rc_name = format!("{ns}/{name}");
+    let redirect_name = format!("{rc_name}/redirect");
+    let mut vhosts = Vec::new();
+    let mut redirect_vhosts = Vec::new();
     for (r, rule) in ingress.spec.rules.iter().enumerate() {
         let Some(http) = &rule.http else { continue };
-        let rc_name = format!("{ns}/{name}/{r}");
-        let routes = rule_routes(http, &hash, &mut out.backends);
-        out.route_configs
-            .push(route_table(&rc_name, routes.clone(), false));
         let external = rule.visibility == Visibility::ExternalIP;
-        let redirect_name = format!("{rc_name}/redirect");
-        if external && redirected {
-            out.route_configs
-                .push(route_table(&redirect_name, routes, true));
+        // A host named by two rules belongs to the first.
+        let hosts: Vec<&str> = rule
+            .hosts
+            .iter()
+            .map(|h| bare_host(h))
+            .filter(|h| !claimed.iter().any(|(_, c): &(GatewayTag, String)| c == h))
+            .collect();
+        if hosts.is_empty() {
+            continue;
         }
-        for host in &rule.hosts {
-            let host = bare_host(host);
+        let routes = rule_routes(http, &hash, &mut out.backends);
+        let domains: Vec<String> = hosts.iter().map(|h| (*h).to_owned()).collect();
+        if external && redirected {
+            redirect_vhosts.push(virtual_host(
+                &format!("rule-{r}"),
+                domains.clone(),
+                routes.clone(),
+                true,
+            ));
+        }
+        vhosts.push(virtual_host(&format!("rule-{r}"), domains, routes, false));
+        for host in hosts {
             let mut bind = |tag: GatewayTag, rc: &str| {
                 if claimed.insert((tag, host.to_owned())) {
                     out.claims.push((tag, host.to_owned()));
@@ -269,6 +286,11 @@ pub fn translate_ingress(ingress: &Ingress) -> IngressTranslation {
                 }
             }
         }
+    }
+    out.route_configs.push(route_table(&rc_name, vhosts));
+    if !redirect_vhosts.is_empty() {
+        out.route_configs
+            .push(route_table(&redirect_name, redirect_vhosts));
     }
     for tls in &ingress.spec.tls {
         out.tls.push(TlsBinding {
@@ -347,25 +369,30 @@ fn rule_routes(
     routes
 }
 
-fn route_table(
+fn virtual_host(
     name: &str,
+    domains: Vec<String>,
     routes: Vec<envoy_types::pb::envoy::config::route::v3::Route>,
     redirect_to_https: bool,
-) -> RouteConfiguration {
+) -> EnvoyVirtualHost {
+    EnvoyVirtualHost {
+        name: name.to_owned(),
+        domains,
+        routes,
+        require_tls: if redirect_to_https {
+            TlsRequirementType::All as i32
+        } else {
+            TlsRequirementType::None as i32
+        },
+        ..Default::default()
+    }
+}
+
+fn route_table(name: &str, virtual_hosts: Vec<EnvoyVirtualHost>) -> RouteConfiguration {
     RouteConfiguration {
         name: name.to_owned(),
-        virtual_hosts: vec![EnvoyVirtualHost {
-            name: name.replace('/', "_"),
-            // The scope already matched the host.
-            domains: vec!["*".into()],
-            routes,
-            require_tls: if redirect_to_https {
-                TlsRequirementType::All as i32
-            } else {
-                TlsRequirementType::None as i32
-            },
-            ..Default::default()
-        }],
+        // The scope already matched (gateway, host); the virtual hosts pick the rule.
+        virtual_hosts,
         request_headers_to_remove: vec![GATEWAY_TAG_HEADER.to_owned()],
         validate_clusters: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
         ..Default::default()

@@ -7,6 +7,7 @@
 //! Nothing here does I/O; the caller publishes the snapshot.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use knarr_model::{
     EndpointSlice, Endpoints, Ingress, Kind, Object, ObjectKey, Service, TlsKeyPair,
@@ -22,8 +23,8 @@ use crate::kingress::{
 /// A change from a source.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// The object is new or its content changed.
-    Upsert(Object),
+    /// The object is new or its content changed. Shared: the source keeps the same copy.
+    Upsert(Arc<Object>),
     /// The object is gone.
     Delete(ObjectKey),
 }
@@ -116,11 +117,12 @@ impl Programmed {
 pub struct IngressIndex {
     gateway: GatewayConfig,
     classes: ClassFilter,
-    ingresses: BTreeMap<ObjectKey, Ingress>,
-    services: HashMap<NsName, Service>,
-    endpoints: HashMap<NsName, Endpoints>,
+    // Objects are kept as the source's shared copies (`Arc<Object>`), one per kind of map.
+    ingresses: BTreeMap<ObjectKey, Arc<Object>>,
+    services: HashMap<NsName, Arc<Object>>,
+    endpoints: HashMap<NsName, Arc<Object>>,
     /// Per Service: its slices by slice name.
-    slices: HashMap<NsName, BTreeMap<String, EndpointSlice>>,
+    slices: HashMap<NsName, BTreeMap<String, Arc<Object>>>,
     /// Slice key → the Service it belongs to (labels can change).
     slice_owner: HashMap<NsName, NsName>,
     secrets: HashMap<NsName, TlsKeyPair>,
@@ -134,6 +136,35 @@ pub struct IngressIndex {
     /// The TLS bindings the listeners were last built with (`None`: never built).
     listeners_tls: Option<Vec<TlsBinding>>,
     builder: SnapshotBuilder,
+}
+
+// Each map holds one kind; these read it back.
+fn ingress_of(o: &Object) -> &Ingress {
+    match o {
+        Object::Ingress(i) => i,
+        other => unreachable!("the ingress map holds {}", other.key()),
+    }
+}
+
+fn service_of(o: &Object) -> &Service {
+    match o {
+        Object::Service(s) => s,
+        other => unreachable!("the service map holds {}", other.key()),
+    }
+}
+
+fn endpoints_of(o: &Object) -> &Endpoints {
+    match o {
+        Object::Endpoints(e) => e,
+        other => unreachable!("the endpoints map holds {}", other.key()),
+    }
+}
+
+fn slice_of(o: &Object) -> &EndpointSlice {
+    match o {
+        Object::EndpointSlice(s) => s,
+        other => unreachable!("the slice map holds {}", other.key()),
+    }
 }
 
 fn ns_name(key: &ObjectKey) -> NsName {
@@ -178,22 +209,22 @@ impl IngressIndex {
             match change {
                 Change::Upsert(object) => {
                     let key = object.key();
-                    match object {
+                    match &*object {
                         Object::Ingress(ingress) => {
-                            if self.classes.wants(&ingress) {
-                                self.ingresses.insert(key.clone(), ingress);
+                            if self.classes.wants(ingress) {
+                                self.ingresses.insert(key.clone(), Arc::clone(&object));
                             } else {
                                 // Another class's (or no longer ours): leave it alone.
                                 self.ingresses.remove(&key);
                             }
                             dirty_ingresses.insert(key);
                         }
-                        Object::Service(s) => {
-                            self.services.insert(ns_name(&key), s);
+                        Object::Service(_) => {
+                            self.services.insert(ns_name(&key), Arc::clone(&object));
                             dirty_services.insert(ns_name(&key));
                         }
-                        Object::Endpoints(e) => {
-                            self.endpoints.insert(ns_name(&key), e);
+                        Object::Endpoints(_) => {
+                            self.endpoints.insert(ns_name(&key), Arc::clone(&object));
                             dirty_services.insert(ns_name(&key));
                         }
                         Object::EndpointSlice(slice) => {
@@ -219,11 +250,11 @@ impl IngressIndex {
                             self.slices
                                 .entry(service.clone())
                                 .or_default()
-                                .insert(key.name.clone(), slice);
+                                .insert(key.name.clone(), Arc::clone(&object));
                             dirty_services.insert(service);
                         }
                         Object::TlsSecret(_, pair) => {
-                            self.secrets.insert(ns_name(&key), pair);
+                            self.secrets.insert(ns_name(&key), pair.clone());
                             dirty_secrets.insert(ns_name(&key));
                         }
                     }
@@ -352,7 +383,7 @@ impl IngressIndex {
     /// Translates and adds an ingress, unless one of its hosts belongs to another. True if
     /// programmed.
     fn program(&mut self, key: &ObjectKey) -> bool {
-        let Some(ingress) = self.ingresses.get(key) else {
+        let Some(ingress) = self.ingresses.get(key).map(|o| ingress_of(o)) else {
             return false;
         };
         let t = translate_ingress(ingress);
@@ -407,14 +438,15 @@ impl IngressIndex {
 
     fn put_backend(&mut self, key: &BackendKey) {
         let sn = (key.namespace.clone(), key.service.clone());
-        let service = self.services.get(&sn);
+        let service = self.services.get(&sn).map(|o| service_of(o));
         let slices: Vec<&EndpointSlice> = self
             .slices
             .get(&sn)
-            .map(|m| m.values().collect())
+            .map(|m| m.values().map(|o| slice_of(o)).collect())
             .unwrap_or_default();
         let cluster = backend_cluster(key, service);
-        let cla = backend_endpoints(key, service, self.endpoints.get(&sn), &slices);
+        let endpoints = self.endpoints.get(&sn).map(|o| endpoints_of(o));
+        let cla = backend_endpoints(key, service, endpoints, &slices);
         let eds = cluster.load_assignment.is_none();
         self.builder.insert(&cluster);
         if eds {
@@ -476,12 +508,14 @@ impl IngressIndex {
     pub fn states(&self) -> Vec<IngressState> {
         self.ingresses
             .iter()
-            .map(|(key, ingress)| self.state_of(key, ingress))
+            .map(|(key, ingress)| self.state_of(key, ingress_of(ingress)))
             .collect()
     }
 
     pub fn state(&self, key: &ObjectKey) -> Option<IngressState> {
-        self.ingresses.get(key).map(|i| self.state_of(key, i))
+        self.ingresses
+            .get(key)
+            .map(|i| self.state_of(key, ingress_of(i)))
     }
 
     fn state_of(&self, key: &ObjectKey, ingress: &Ingress) -> IngressState {
@@ -528,7 +562,7 @@ impl IngressIndex {
 
     /// The ingress objects of our class, as last applied.
     pub fn ingress(&self, key: &ObjectKey) -> Option<&Ingress> {
-        self.ingresses.get(key)
+        self.ingresses.get(key).map(|o| ingress_of(o))
     }
 }
 
@@ -538,6 +572,6 @@ pub fn translate_all(
     objects: Vec<Object>,
 ) -> (Snapshot, Vec<IngressState>) {
     let mut index = IngressIndex::new(gateway, ClassFilter::default());
-    index.apply(objects.into_iter().map(Change::Upsert));
+    index.apply(objects.into_iter().map(|o| Change::Upsert(Arc::new(o))));
     (index.snapshot(), index.states())
 }

@@ -37,6 +37,9 @@ pub const CONTROL_PLANE_ID: &str = "knarr";
 
 const WILDCARD: &str = "*";
 
+/// The most resources one delta response carries.
+pub const MAX_DELTA_RESOURCES: usize = 2000;
+
 /// Something worth logging or counting that happened on a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
@@ -289,6 +292,13 @@ impl Streams {
             }
         }
 
+        // Delta: a big change (an initial sync of thousands of resources) goes out in parts, one
+        // per ACK, which bounds the memory a response holds; the rest follows on the ACK.
+        let mut truncated = false;
+        if self.delta && upserts.len() > MAX_DELTA_RESOURCES {
+            upserts.truncate(MAX_DELTA_RESOURCES);
+            truncated = true;
+        }
         if !(st.must_respond || !upserts.is_empty() || !removes.is_empty()) {
             if generation != 0 {
                 st.clean_for.set(Some(generation));
@@ -312,7 +322,7 @@ impl Streams {
             view_version,
             upserts,
             removes,
-            clears_nack: nack_retry,
+            clears_nack: nack_retry && !truncated,
         })
     }
 
@@ -362,6 +372,13 @@ impl Streams {
         if upstream
             .iter()
             .any(|t| self.state(*t).outstanding.is_some())
+        {
+            return false;
+        }
+        // Everything upstream must be out, not just the first part of a large change.
+        if upstream
+            .iter()
+            .any(|t| self.state(*t).requested && self.plan(*t, snap).is_some())
         {
             return false;
         }

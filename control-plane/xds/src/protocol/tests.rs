@@ -687,3 +687,24 @@ fn unknown_type_is_reported_and_ignored() {
     none(&out);
     assert!(matches!(&out.events[..], [StreamEvent::UnknownType { .. }]));
 }
+
+#[test]
+fn delta_sends_a_large_change_in_parts_before_routes() {
+    let mut b = base().to_builder();
+    for i in 0..(MAX_DELTA_RESOURCES + 10) {
+        b.insert(&cluster(&format!("c{i:05}"), 1));
+    }
+    let snap = b.build();
+    let mut s = DeltaStream::new();
+    let cds = d_one(s.on_request(&delta_req(CDS, &[], &[], ""), Some(&snap)));
+    assert_eq!(cds.resources.len(), MAX_DELTA_RESOURCES);
+    // Listeners wait while clusters are still going out.
+    none(&s.on_request(&delta_req(LDS, &[], &[], ""), Some(&snap)));
+    let rest = d_one(s.on_request(&delta_req(CDS, &[], &[], &cds.nonce), Some(&snap)));
+    assert_eq!(rest.type_url, CDS.type_url());
+    assert_eq!(rest.resources.len(), 11);
+    let eds = d_one(s.on_request(&delta_req(EDS, &["a"], &[], ""), Some(&snap)));
+    none(&s.on_request(&delta_req(CDS, &[], &[], &rest.nonce), Some(&snap)));
+    let lds = d_one(s.on_request(&delta_req(EDS, &[], &[], &eds.nonce), Some(&snap)));
+    assert_eq!(lds.type_url, LDS.type_url());
+}
