@@ -3,14 +3,15 @@
 //!
 //! For each N (existing ingresses, each a Knative-shaped KIngress with an external and three
 //! cluster-local hosts, plus its Service and Endpoints) it reports:
-//! - startup: from spawning `knarr serve` to Envoy serving every ingress;
+//! - startup: from spawning `knarr serve` to its first complete config being published, and
+//!   from starting Envoy to every ingress reporting `Ready` (Envoy ACKed all of it);
 //! - new-ingress propagation: from the rename of a new file into the watched folder to the
 //!   first 200 through Envoy (p50/p99 over the samples);
 //! - the control plane's RSS and CPU seconds at the end;
 //! - with `--churn`, 100 weight changes and backend swaps under continuous load, and the count
 //!   of non-2xx answers.
 //!
-//! Usage: `ingress-bench [--sizes 0,1000,5000] [--samples 30] [--churn 100]`
+//! Usage: `ingress-bench [--sizes 0,1000,5000] [--samples 30] [--churn 100] [--verbose]`
 //! (build `knarr` in the same profile first: `cargo build --release -p knarr -p knarr-tests`).
 
 use std::net::{SocketAddr, TcpListener};
@@ -103,6 +104,7 @@ struct Args {
     sizes: Vec<usize>,
     samples: usize,
     churn: usize,
+    verbose: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -110,6 +112,7 @@ fn args() -> anyhow::Result<Args> {
         sizes: vec![0, 1000, 5000],
         samples: 30,
         churn: 100,
+        verbose: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -123,6 +126,7 @@ fn args() -> anyhow::Result<Args> {
             }
             "--samples" => a.samples = value()?.parse()?,
             "--churn" => a.churn = value()?.parse()?,
+            "--verbose" => a.verbose = true,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -131,7 +135,8 @@ fn args() -> anyhow::Result<Args> {
 
 struct Row {
     n: usize,
-    startup: Duration,
+    published: Duration,
+    all_ready: Duration,
     p50: Duration,
     p99: Duration,
     rss_mib: f64,
@@ -182,6 +187,7 @@ async fn run(n: usize, a: &Args, upstream: SocketAddr, knarr_bin: &Path) -> anyh
         .spawn()
         .with_context(|| format!("starting {}", knarr_bin.display()))?;
     let pid = knarr.id().context("knarr pid")?;
+    let api_addr = SocketAddr::from(([127, 0, 0, 1], api));
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
     loop {
         if let Ok(r) = http_get(admin_addr, "localhost", "/readyz").await {
@@ -197,6 +203,8 @@ async fn run(n: usize, a: &Args, upstream: SocketAddr, knarr_bin: &Path) -> anyh
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let published = started.elapsed();
+    let envoy_started = Instant::now();
     let envoy = Envoy::builder()
         .log_level("warning")
         .startup_timeout(Duration::from_secs(120))
@@ -215,21 +223,33 @@ async fn run(n: usize, a: &Args, upstream: SocketAddr, knarr_bin: &Path) -> anyh
         .wait_listener_port("knarr-external-http", Duration::from_secs(60))
         .await?;
     let client = HttpClient::new(SocketAddr::from(([127, 0, 0, 1], port)));
-    let last = if n == 0 {
-        "churn".to_string()
-    } else {
-        (n - 1).to_string()
-    };
-    let host = format!("ing-{last}.bench.example.com");
+    // Complete: every ingress Ready, i.e. Envoy ACKed every resource of every ingress.
     loop {
-        if client.get(&host, "/").await?.status == 200 {
+        let r = http_get(api_addr, "localhost", "/api/v1/ingresses").await?;
+        let v: serde_json::Value = serde_json::from_str(&r.body)?;
+        let items = v["items"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let ready = items
+            .iter()
+            .filter(|i| {
+                i["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .count();
+        if ready == n + 1 {
             break;
         }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("{host} not served after 300 s");
+        if envoy_started.elapsed() > Duration::from_secs(300) {
+            bail!("only {ready} of {} ingresses Ready after 300 s", n + 1);
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let startup = started.elapsed();
+    let all_ready = envoy_started.elapsed();
+    let host = "ing-churn.bench.example.com";
+    if client.get(host, "/").await?.status != 200 {
+        bail!("{host} is Ready but does not answer 200");
+    }
 
     let mut times = Vec::new();
     for k in 0..a.samples {
@@ -247,6 +267,9 @@ async fn run(n: usize, a: &Args, upstream: SocketAddr, knarr_bin: &Path) -> anyh
             }
         }
         times.push(t0.elapsed());
+        if a.verbose {
+            eprintln!("n={n} sample {k}: {} ms", ms(t0.elapsed()));
+        }
     }
     times.sort();
 
@@ -301,7 +324,8 @@ async fn run(n: usize, a: &Args, upstream: SocketAddr, knarr_bin: &Path) -> anyh
     knarr.kill().await.ok();
     Ok(Row {
         n,
-        startup,
+        published,
+        all_ready,
         p50: percentile(&times, 0.5),
         p99: percentile(&times, 0.99),
         rss_mib,
@@ -326,8 +350,8 @@ async fn main() -> anyhow::Result<()> {
         a.samples
     );
     println!();
-    println!("| ingresses | startup to full config s | new ingress p50 ms | p99 ms | knarr RSS MiB | knarr CPU s | churn non-2xx / requests |");
-    println!("|----------:|-------------------------:|-------------------:|-------:|--------------:|------------:|-------------------------:|");
+    println!("| ingresses | knarr start → config published s | Envoy start → all Ready s | new ingress p50 ms | p99 ms | knarr RSS MiB | knarr CPU s | churn non-2xx / requests |");
+    println!("|----------:|---------------------------------:|--------------------------:|-------------------:|-------:|--------------:|------------:|-------------------------:|");
     for &n in &a.sizes {
         let row = run(n, &a, upstream.addr(), &knarr_bin).await?;
         let churn = row
@@ -335,9 +359,10 @@ async fn main() -> anyhow::Result<()> {
             .map(|(bad, total)| format!("{bad} / {total}"))
             .unwrap_or_else(|| "-".into());
         println!(
-            "| {:>9} | {:>24.2} | {:>18} | {:>6} | {:>13.1} | {:>11.2} | {:>24} |",
+            "| {:>9} | {:>32.2} | {:>25.2} | {:>18} | {:>6} | {:>13.1} | {:>11.2} | {:>24} |",
             row.n,
-            row.startup.as_secs_f64(),
+            row.published.as_secs_f64(),
+            row.all_ready.as_secs_f64(),
             ms(row.p50),
             ms(row.p99),
             row.rss_mib,
