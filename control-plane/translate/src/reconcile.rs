@@ -93,7 +93,8 @@ struct Programmed {
     route_configs: Vec<String>,
     scopes: Vec<String>,
     claims: Vec<(GatewayTag, String)>,
-    backends: BTreeSet<BackendKey>,
+    /// Sorted, no duplicates (a `Vec`: most ingresses have one or two).
+    backends: Vec<BackendKey>,
     tls: Vec<TlsBinding>,
     hash: String,
 }
@@ -105,7 +106,7 @@ impl Programmed {
             route_configs: t.route_configs.iter().map(|r| r.name.clone()).collect(),
             scopes: t.scopes.iter().map(|s| s.name.clone()).collect(),
             claims: t.claims,
-            backends: t.backends,
+            backends: t.backends.into_iter().collect(),
             tls: t.tls,
             hash: t.hash,
         }
@@ -130,7 +131,8 @@ pub struct IngressIndex {
     programmed: HashMap<ObjectKey, Programmed>,
     not_programmed: BTreeMap<ObjectKey, NotProgrammed>,
     owners: HashMap<(GatewayTag, String), ObjectKey>,
-    backend_users: BTreeMap<BackendKey, BTreeSet<ObjectKey>>,
+    /// Which ingresses use each backend (small `Vec`s: usually one).
+    backend_users: BTreeMap<BackendKey, Vec<ObjectKey>>,
     secret_users: BTreeMap<String, BTreeSet<ObjectKey>>,
     tls_bindings: BTreeMap<ObjectKey, Vec<TlsBinding>>,
     /// The TLS bindings the listeners were last built with (`None`: never built).
@@ -358,7 +360,7 @@ impl IngressIndex {
         }
         for backend in &t.backends {
             if let Some(users) = self.backend_users.get_mut(backend) {
-                users.remove(key);
+                users.retain(|u| u != key);
                 if users.is_empty() {
                     self.backend_users.remove(backend);
                     let name = backend.cluster_name();
@@ -416,7 +418,9 @@ impl IngressIndex {
         for backend in &t.backends {
             let users = self.backend_users.entry(backend.clone()).or_default();
             let new = users.is_empty();
-            users.insert(key.clone());
+            if !users.contains(key) {
+                users.push(key.clone());
+            }
             if new {
                 self.put_backend(backend);
             }

@@ -28,7 +28,7 @@ use crate::envoy::any;
 fn decode_all<M: Message + Default>(snap: &Snapshot, ty: ResourceType) -> Vec<M> {
     snap.resources(ty)
         .values()
-        .map(|r| M::decode(r.body.value.as_slice()).expect("the snapshot holds what it encoded"))
+        .map(|r| M::decode(r.value.as_slice()).expect("the snapshot holds what it encoded"))
         .collect()
 }
 

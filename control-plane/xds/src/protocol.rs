@@ -608,7 +608,7 @@ impl SotwStream {
         for (ty, plan, nonce) in self.inner.flush(snap) {
             out.responses.push(DiscoveryResponse {
                 version_info: plan.view_version,
-                resources: plan.view.iter().map(|r| r.body.clone()).collect(),
+                resources: plan.view.iter().map(|r| r.to_any()).collect(),
                 type_url: ty.type_url().to_owned(),
                 nonce,
                 control_plane: control_plane(),
@@ -736,7 +736,7 @@ impl DeltaStream {
                     .map(|r| DeltaResource {
                         name: r.name.clone(),
                         version: r.version.clone(),
-                        resource: Some(r.body.clone()),
+                        resource: Some(r.to_any()),
                         ..Default::default()
                     })
                     .collect(),

@@ -107,7 +107,9 @@ impl fmt::Display for ResourceType {
 pub struct Resource {
     pub name: String,
     pub version: String,
-    pub body: Any,
+    pub ty: ResourceType,
+    /// The encoded message.
+    pub value: Vec<u8>,
 }
 
 impl fmt::Debug for Resource {
@@ -115,8 +117,8 @@ impl fmt::Debug for Resource {
         f.debug_struct("Resource")
             .field("name", &self.name)
             .field("version", &self.version)
-            .field("type_url", &self.body.type_url)
-            .field("bytes", &self.body.value.len())
+            .field("type", &self.ty)
+            .field("bytes", &self.value.len())
             .finish()
     }
 }
@@ -129,15 +131,21 @@ impl Resource {
         Arc::new(Resource {
             name: message.resource_name().to_owned(),
             version,
-            body: Any {
-                type_url: M::TYPE.type_url().to_owned(),
-                value,
-            },
+            ty: M::TYPE,
+            value,
         })
     }
 
-    pub fn resource_type(&self) -> Option<ResourceType> {
-        ResourceType::from_type_url(&self.body.type_url)
+    pub fn resource_type(&self) -> ResourceType {
+        self.ty
+    }
+
+    /// The resource as a protobuf `Any`, for a response.
+    pub fn to_any(&self) -> Any {
+        Any {
+            type_url: self.ty.type_url().to_owned(),
+            value: self.value.clone(),
+        }
     }
 }
 

@@ -243,7 +243,8 @@ async fn run(n: usize, a: &Args, upstream: SocketAddr, knarr_bin: &Path) -> anyh
         if envoy_started.elapsed() > Duration::from_secs(300) {
             bail!("only {ready} of {} ingresses Ready after 300 s", n + 1);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Not too often: each answer is a large document the control plane must build.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all_ready = envoy_started.elapsed();
     let host = "ing-churn.bench.example.com";

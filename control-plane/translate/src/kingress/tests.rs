@@ -51,7 +51,7 @@ fn headers_to_add(h: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOpti
 fn describe(snap: &Snapshot) -> String {
     let mut out = String::new();
     for (name, r) in snap.resources(ResourceType::Listener) {
-        let l = Listener::decode(r.body.value.as_slice()).unwrap();
+        let l = Listener::decode(r.value.as_slice()).unwrap();
         let chains: Vec<String> = l
             .filter_chains
             .iter()
@@ -79,7 +79,7 @@ fn describe(snap: &Snapshot) -> String {
         .unwrap();
     }
     for (name, r) in snap.resources(ResourceType::ScopedRoute) {
-        let s = ScopedRouteConfiguration::decode(r.body.value.as_slice()).unwrap();
+        let s = ScopedRouteConfiguration::decode(r.value.as_slice()).unwrap();
         let key: Vec<String> = s
             .key
             .unwrap()
@@ -99,7 +99,7 @@ fn describe(snap: &Snapshot) -> String {
         .unwrap();
     }
     for (name, r) in snap.resources(ResourceType::Route) {
-        let rc = RouteConfiguration::decode(r.body.value.as_slice()).unwrap();
+        let rc = RouteConfiguration::decode(r.value.as_slice()).unwrap();
         writeln!(
             out,
             "routes {name} remove={:?}",
@@ -167,7 +167,7 @@ fn describe(snap: &Snapshot) -> String {
         }
     }
     for (name, r) in snap.resources(ResourceType::Cluster) {
-        let c = Cluster::decode(r.body.value.as_slice()).unwrap();
+        let c = Cluster::decode(r.value.as_slice()).unwrap();
         writeln!(
             out,
             "cluster {name} type={:?} h2={}",
@@ -177,7 +177,7 @@ fn describe(snap: &Snapshot) -> String {
         .unwrap();
     }
     for (name, r) in snap.resources(ResourceType::Endpoint) {
-        let cla = ClusterLoadAssignment::decode(r.body.value.as_slice()).unwrap();
+        let cla = ClusterLoadAssignment::decode(r.value.as_slice()).unwrap();
         let eps: Vec<String> = cla
             .endpoints
             .iter()
@@ -413,7 +413,7 @@ fn probe_hash_changes_with_the_spec() {
 fn every_route_has_no_timeout_and_no_retries() {
     let (snap, _) = translate(HELLO);
     for r in snap.resources(ResourceType::Route).values() {
-        let rc = RouteConfiguration::decode(r.body.value.as_slice()).unwrap();
+        let rc = RouteConfiguration::decode(r.value.as_slice()).unwrap();
         for route in rc.virtual_hosts.iter().flat_map(|v| v.routes.iter()) {
             let Some(Action::Route(a)) = &route.action else {
                 panic!()
