@@ -529,9 +529,7 @@ async fn tags_route_by_header() {
 async fn host_rewrite() {
     let mut f = KFixture::start(true).await.unwrap();
     let _ups = backends(&mut f, &["rewrite"]).await;
-    let body = format!(
-        "  rules:\n  - hosts: [rewrite.example.com]\n    visibility: ExternalIP\n    http:\n      paths:\n      - rewriteHost: rewritten.default.svc.cluster.local\n        splits:\n        - serviceName: rewrite\n          servicePort: 80\n          percent: 100\n"
-    );
+    let body = "  rules:\n  - hosts: [rewrite.example.com]\n    visibility: ExternalIP\n    http:\n      paths:\n      - rewriteHost: rewritten.default.svc.cluster.local\n        splits:\n        - serviceName: rewrite\n          servicePort: 80\n          percent: 100\n".to_string();
     f.apply_yaml(&ingress("rewrite", &body)).await.unwrap();
     let r = f.external.get("rewrite.example.com", "/").await.unwrap();
     assert_eq!(r.status, 200);

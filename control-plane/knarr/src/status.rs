@@ -181,7 +181,7 @@ pub fn report(
         },
         status: IngressStatus {
             observed_generation: state.generation,
-            conditions: vec![lb.clone(), network, ready],
+            conditions: vec![lb, network, ready],
             public_load_balancer: programmed.then(|| LoadBalancerStatus {
                 ingress: vec![LoadBalancerIngress {
                     domain_internal: names.external.clone(),
