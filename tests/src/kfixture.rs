@@ -78,6 +78,7 @@ impl KFixture {
             external_http_port: 0,
             internal_http_port: 0,
             external_https_port: 0,
+            internal_https_port: 0,
         };
         let index = IngressIndex::new(gateway, classes);
         cache.set_default(index.snapshot());
@@ -162,6 +163,15 @@ impl KFixture {
         let port = self
             .envoy
             .wait_listener_port(GatewayTag::ExternalTls.listener_name(), WAIT)
+            .await?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// The cluster-local HTTPS listener's address (it exists once an ingress has TLS).
+    pub async fn internal_https_addr(&self) -> anyhow::Result<SocketAddr> {
+        let port = self
+            .envoy
+            .wait_listener_port(GatewayTag::InternalTls.listener_name(), WAIT)
             .await?;
         Ok(SocketAddr::from(([127, 0, 0, 1], port)))
     }

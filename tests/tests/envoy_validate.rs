@@ -1,5 +1,5 @@
 //! Every kind of config the KIngress translation generates is accepted by the real Envoy
-//! (`envoy --mode validate` on the whole snapshot, inlined into a static bootstrap).
+//! (`envoy --mode validate` on the whole snapshot, inlined into a static bootstrap), TLS included.
 
 use std::process::Command;
 
@@ -18,6 +18,9 @@ kind: Ingress
 metadata: {name: shop, namespace: shop}
 spec:
   httpOption: Redirected
+  tls:
+  - hosts: [shop.example.com]
+    secretName: shop-cert
   rules:
   - hosts: [shop.example.com, www.shop.example.com]
     visibility: ExternalIP
@@ -63,6 +66,19 @@ fn generated_config_passes_envoy_validate() {
     let mut index = IngressIndex::new(GatewayConfig::default(), ClassFilter::default());
     let mut all = objects(OBJECTS);
     all.extend(objects(MORE));
+    // A real certificate: Envoy parses it.
+    let ca = knarr_tests::conformance::TestCa::new().unwrap();
+    let leaf = ca.issue(&["shop.example.com"]).unwrap();
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    all.extend(objects(&format!(
+        "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {{name: shop-cert, namespace: shop}}\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(&leaf.cert_pem),
+        indent(&leaf.key_pem)
+    )));
     index.apply(all.into_iter().map(|o| Change::Upsert(o.into())));
     let snap = index.snapshot();
     assert!(

@@ -535,6 +535,14 @@ async fn tls_serves_https_and_http_on_one_host() {
     assert_eq!((plain.status, plain.body.as_str()), (200, "secure"));
     let plain = f.external.get("other.example.com", "/").await.unwrap();
     assert_eq!((plain.status, plain.body.as_str()), (200, "other"));
+
+    // The cluster-local HTTPS listener serves the host too (external rules are reachable
+    // from inside the cluster).
+    let internal_https = f.internal_https_addr().await.unwrap();
+    let got = https_get(internal_https, host, "/", ca.cert_pem())
+        .await
+        .unwrap();
+    assert_eq!((got.reply.status, got.reply.body.as_str()), (200, "secure"));
 }
 
 #[tokio::test]

@@ -85,6 +85,7 @@ async fn folder_of_objects_served_edited_live_and_broken_safely() {
             external_http_port: 0,
             internal_http_port: 0,
             external_https_port: 0,
+            internal_https_port: 0,
         },
         ..Default::default()
     })

@@ -88,6 +88,9 @@ struct ServeArgs {
     /// External HTTPS port of the gateway (opened when an ingress has TLS).
     #[arg(long, default_value_t = 8443)]
     https_port: u16,
+    /// Cluster-local HTTPS port of the gateway (opened when an ingress has TLS).
+    #[arg(long, default_value_t = 8444)]
+    internal_https_port: u16,
     /// The ingress class to program (`networking.knative.dev/ingress.class`).
     #[arg(long, default_value = knarr_model::KNARR_INGRESS_CLASS)]
     ingress_class: String,
@@ -228,6 +231,7 @@ fn serve_config(args: ServeArgs) -> Result<ServeConfig, String> {
             external_http_port: args.external_port,
             internal_http_port: args.internal_port,
             external_https_port: args.https_port,
+            internal_https_port: args.internal_https_port,
         },
         classes: ClassFilter {
             class: args.ingress_class,

@@ -2,8 +2,8 @@
 //!
 //! Layout, chosen so that one ingress change costs resources proportional to that ingress:
 //! - Fixed listeners: external HTTP (8080), cluster-local HTTP (8081) and, when any ingress has
-//!   TLS, external HTTPS (8443) with one SNI filter chain per `spec.tls` entry (certificates over
-//!   SDS). Each listener stamps requests with its *gateway tag* (`x-knarr-gateway`, set before
+//!   TLS, external and cluster-local HTTPS (8443, 8444) with one SNI filter chain per `spec.tls`
+//!   entry (certificates over SDS). Each listener stamps requests with its *gateway tag* (`x-knarr-gateway`, set before
 //!   routing, never seen by backends) and routes through scoped routes keyed on
 //!   `(tag, host without port)`.
 //! - Per ingress: one route table with a virtual host per rule (plus a redirecting twin when
@@ -86,6 +86,7 @@ pub enum GatewayTag {
     External,
     Internal,
     ExternalTls,
+    InternalTls,
 }
 
 impl GatewayTag {
@@ -94,6 +95,7 @@ impl GatewayTag {
             GatewayTag::External => "ext",
             GatewayTag::Internal => "int",
             GatewayTag::ExternalTls => "ext-tls",
+            GatewayTag::InternalTls => "int-tls",
         }
     }
 
@@ -102,6 +104,7 @@ impl GatewayTag {
             GatewayTag::External => "knarr-external-http",
             GatewayTag::Internal => "knarr-internal-http",
             GatewayTag::ExternalTls => "knarr-external-https",
+            GatewayTag::InternalTls => "knarr-internal-https",
         }
     }
 }
@@ -119,6 +122,7 @@ pub struct GatewayConfig {
     pub external_http_port: u16,
     pub internal_http_port: u16,
     pub external_https_port: u16,
+    pub internal_https_port: u16,
 }
 
 impl Default for GatewayConfig {
@@ -128,6 +132,7 @@ impl Default for GatewayConfig {
             external_http_port: 8080,
             internal_http_port: 8081,
             external_https_port: 8443,
+            internal_https_port: 8444,
         }
     }
 }
@@ -275,13 +280,17 @@ pub fn translate_ingress(ingress: &Ingress) -> IngressTranslation {
                 }
             };
             // External rules are reachable from inside the cluster too.
+            let tls = tls_hosts.contains(host);
             bind(GatewayTag::Internal, &rc_name);
+            if tls {
+                bind(GatewayTag::InternalTls, &rc_name);
+            }
             if external {
                 bind(
                     GatewayTag::External,
                     if redirected { &redirect_name } else { &rc_name },
                 );
-                if tls_hosts.contains(host) {
+                if tls {
                     bind(GatewayTag::ExternalTls, &rc_name);
                 }
             }
@@ -458,7 +467,8 @@ fn hcm_filter(tag: GatewayTag) -> Filter {
     }
 }
 
-/// The gateway's listeners. The HTTPS listener exists only when some ingress has TLS.
+/// The gateway's listeners. The HTTPS listeners (external and cluster-local, the same SNI
+/// chains; scopes decide which hosts each serves) exist only when some ingress has TLS.
 pub fn listeners(config: &GatewayConfig, tls: &[TlsBinding]) -> Vec<Listener> {
     let plain = |tag: GatewayTag, port: u16| Listener {
         name: tag.listener_name().into(),
@@ -477,7 +487,7 @@ pub fn listeners(config: &GatewayConfig, tls: &[TlsBinding]) -> Vec<Listener> {
         let mut bindings: Vec<&TlsBinding> = tls.iter().collect();
         bindings.sort();
         let mut seen_hosts = BTreeSet::new();
-        let chains = bindings
+        let chains: Vec<(Vec<String>, &str)> = bindings
             .into_iter()
             .filter_map(|b| {
                 // A host already bound to a certificate keeps it (first binding wins).
@@ -487,30 +497,35 @@ pub fn listeners(config: &GatewayConfig, tls: &[TlsBinding]) -> Vec<Listener> {
                     .filter(|h| seen_hosts.insert((*h).clone()))
                     .cloned()
                     .collect();
-                (!hosts.is_empty()).then(|| tls_chain(hosts, &b.secret))
+                (!hosts.is_empty()).then_some((hosts, b.secret.as_str()))
             })
             .collect();
-        out.push(Listener {
-            name: GatewayTag::ExternalTls.listener_name().into(),
-            address: Some(crate::envoy::socket_address(
-                config.address,
-                config.external_https_port,
-            )),
-            listener_filters: vec![ListenerFilter {
-                name: "envoy.filters.listener.tls_inspector".into(),
-                config_type: Some(ListenerFilterConfigType::TypedConfig(any(
-                    &TlsInspector::default(),
-                ))),
+        for (tag, port) in [
+            (GatewayTag::ExternalTls, config.external_https_port),
+            (GatewayTag::InternalTls, config.internal_https_port),
+        ] {
+            out.push(Listener {
+                name: tag.listener_name().into(),
+                address: Some(crate::envoy::socket_address(config.address, port)),
+                listener_filters: vec![ListenerFilter {
+                    name: "envoy.filters.listener.tls_inspector".into(),
+                    config_type: Some(ListenerFilterConfigType::TypedConfig(any(
+                        &TlsInspector::default(),
+                    ))),
+                    ..Default::default()
+                }],
+                filter_chains: chains
+                    .iter()
+                    .map(|(hosts, secret)| tls_chain(tag, hosts.clone(), secret))
+                    .collect(),
                 ..Default::default()
-            }],
-            filter_chains: chains,
-            ..Default::default()
-        });
+            });
+        }
     }
     out
 }
 
-fn tls_chain(hosts: Vec<String>, secret: &str) -> FilterChain {
+fn tls_chain(tag: GatewayTag, hosts: Vec<String>, secret: &str) -> FilterChain {
     let context = DownstreamTlsContext {
         common_tls_context: Some(CommonTlsContext {
             alpn_protocols: vec!["h2".into(), "http/1.1".into()],
@@ -527,7 +542,7 @@ fn tls_chain(hosts: Vec<String>, secret: &str) -> FilterChain {
             server_names: hosts,
             ..Default::default()
         }),
-        filters: vec![hcm_filter(GatewayTag::ExternalTls)],
+        filters: vec![hcm_filter(tag)],
         transport_socket: Some(TransportSocket {
             name: "envoy.transport_sockets.tls".into(),
             config_type: Some(TransportConfigType::TypedConfig(any(&context))),

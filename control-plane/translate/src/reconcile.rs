@@ -497,6 +497,7 @@ impl IngressIndex {
             GatewayTag::External,
             GatewayTag::Internal,
             GatewayTag::ExternalTls,
+            GatewayTag::InternalTls,
         ] {
             if !names.contains(tag.listener_name()) {
                 self.builder

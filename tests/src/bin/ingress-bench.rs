@@ -179,6 +179,8 @@ async fn run(n: usize, a: &Args, upstream: SocketAddr, knarr_bin: &Path) -> anyh
             "0",
             "--https-port",
             "0",
+            "--internal-https-port",
+            "0",
         ])
         .env("KNARR_LOG", "warn")
         .stdout(Stdio::null())
