@@ -266,3 +266,96 @@ async fn missing_source_directory_is_a_clear_startup_error() {
     .expect("start fails");
     assert!(err.to_string().contains("/nonexistent/knarr"), "{err}");
 }
+
+/// A free port on loopback for a listener Envoy will open (the prober needs the gateway's
+/// real ports, so this test cannot let Envoy pick).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn ready_waits_for_the_hash_probe_on_every_gateway() {
+    knarr_tests::trace_init();
+    let blue = Upstream::start("blue").await.unwrap();
+    let green = Upstream::start("green").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "objects.yaml",
+        &(service_yaml("blue", "http", blue.addr())
+            + "---"
+            + &service_yaml("green", "http", green.addr())
+            + "---\n"
+            + &ingress((100, 0), "v1")),
+    );
+    let (ext, int) = (free_port(), free_port());
+    let cp = ControlPlane::start(ServeConfig {
+        xds_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        source_dirs: vec![dir.path().to_owned()],
+        gateway: GatewayConfig {
+            address: "127.0.0.1".parse().unwrap(),
+            external_http_port: ext,
+            internal_http_port: int,
+            external_https_port: 0,
+            internal_https_port: 0,
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let api = cp.api_addr.unwrap();
+    let envoy = Envoy::start(
+        &bootstrap::render(&BootstrapOptions {
+            xds_addr: cp.xds_addr.to_string(),
+            delta: true,
+            admin_port: 0,
+            ..Default::default()
+        })
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    envoy.wait_ready(WAIT).await.unwrap();
+    poll_until("ingress Ready", WAIT, || async {
+        ready_of(&api_json(api, "/api/v1/ingresses/default/hello").await) == "True"
+    })
+    .await
+    .unwrap();
+    // Readiness came from the gateways answering the probe through the backend.
+    assert!(blue.probes() > 0, "no probe reached the backend");
+
+    // A new version: not Ready again until the probes see its hash.
+    let probes_before = blue.probes() + green.probes();
+    write(
+        dir.path(),
+        "objects.yaml",
+        &(service_yaml("blue", "http", blue.addr())
+            + "---"
+            + &service_yaml("green", "http", green.addr())
+            + "---\n"
+            + &ingress((0, 100), "v2")),
+    );
+    poll_until("new version Ready", WAIT, || async {
+        let report = api_json(api, "/api/v1/ingresses/default/hello").await;
+        ready_of(&report) == "True" && green.probes() + blue.probes() > probes_before
+    })
+    .await
+    .unwrap();
+    let client = HttpClient::new(SocketAddr::from(([127, 0, 0, 1], ext)));
+    assert_eq!(
+        client
+            .get("hello.default.example.com", "/")
+            .await
+            .unwrap()
+            .body,
+        "green"
+    );
+    envoy.stop().await;
+    cp.shutdown(Duration::from_secs(5)).await;
+}

@@ -94,13 +94,19 @@ impl ControlPlane {
         let cache = Arc::new(SnapshotCache::new(config.grouping));
         let clients = Arc::new(Clients::default());
         let index = IngressIndex::new(config.gateway.clone(), config.classes.clone());
-        let controller = Arc::new(IngressController::new(
+        let probe_ports = crate::prober::probe_ports(&config.gateway);
+        let probes = Arc::new(crate::prober::ProbeResults::default());
+        let mut controller = IngressController::new(
             index,
             cache.clone(),
             clients.clone(),
             statics,
             config.lb_names.clone(),
-        ));
+        );
+        if probe_ports.is_some() {
+            controller = controller.with_probes(probes.clone());
+        }
+        let controller = Arc::new(controller);
         // Load everything before serving, so the first Envoy gets the whole config at once.
         let started = std::time::Instant::now();
         let mut source = FileSource::new(config.source_dirs.clone(), config.files.clone());
@@ -123,6 +129,16 @@ impl ControlPlane {
         cp.tasks.spawn(source.watch(tx, shutdown_rx.clone()));
         cp.tasks
             .spawn(controller.clone().run(rx, shutdown_rx.clone()));
+        if let Some(ports) = probe_ports {
+            let (targets, ips) = (controller.clone(), controller.clone());
+            cp.tasks.spawn(crate::prober::run(
+                ports,
+                probes,
+                move || targets.probe_targets(),
+                move || ips.gateway_ips(),
+                shutdown_rx.clone(),
+            ));
+        }
         cp.tasks
             .spawn(crate::api::serve(api_listener, controller, shutdown_rx));
         cp.api_addr = Some(api_addr);

@@ -13,8 +13,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::file_source::{Batch, FileError};
+use crate::prober::{ProbeResults, Target};
 use crate::routes_file::Routes;
-use crate::status::{self, IngressReport, LoadBalancerNames};
+use crate::status::{self, IngressReport, LoadBalancerNames, Probe};
+use knarr_translate::kingress::GatewayTag;
 
 /// Shared state of the ingress controller, read by the status API.
 pub struct IngressController {
@@ -26,6 +28,8 @@ pub struct IngressController {
     /// Static routes (`--routes` files) served alongside the ingresses.
     statics: Routes,
     names: LoadBalancerNames,
+    /// Probe results, when probing is on.
+    probes: Option<Arc<ProbeResults>>,
 }
 
 impl IngressController {
@@ -43,7 +47,52 @@ impl IngressController {
             clients,
             statics,
             names,
+            probes: None,
         }
+    }
+
+    /// Turns hash probing on: readiness then also waits for the probes.
+    pub fn with_probes(mut self, probes: Arc<ProbeResults>) -> Self {
+        self.probes = Some(probes);
+        self
+    }
+
+    /// Ingresses every Envoy has ACKed whose current hash is not yet confirmed by probing.
+    pub fn probe_targets(&self) -> Vec<Target> {
+        let Some(probes) = &self.probes else {
+            return Vec::new();
+        };
+        let index = self.index.lock().unwrap();
+        let snapshot = self.cache.get(knarr_xds::DEFAULT_GROUP).unwrap_or_default();
+        index
+            .states()
+            .into_iter()
+            .filter(|s| s.not_programmed.is_none() && !probes.confirmed(&s.key, &s.hash))
+            .filter(|s| status::all_acked(s, &snapshot, &self.clients) == Some(true))
+            .map(|s| Target {
+                hosts: s
+                    .claims
+                    .iter()
+                    .filter(|(tag, _)| matches!(tag, GatewayTag::External | GatewayTag::Internal))
+                    .cloned()
+                    .collect(),
+                key: s.key,
+                hash: s.hash,
+            })
+            .collect()
+    }
+
+    /// Where the connected Envoys are.
+    pub fn gateway_ips(&self) -> Vec<std::net::IpAddr> {
+        let mut ips: Vec<_> = self
+            .clients
+            .list()
+            .into_iter()
+            .filter_map(|c| c.peer.map(|p| p.ip()))
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
     }
 
     /// Applies one batch and publishes the result.
@@ -125,10 +174,16 @@ impl IngressController {
             .states()
             .iter()
             .map(|state| {
+                let probe = match &self.probes {
+                    None => Probe::Off,
+                    Some(p) if p.confirmed(&state.key, &state.hash) => Probe::Confirmed,
+                    Some(_) => Probe::Pending,
+                };
                 status::report(
                     state,
                     &snapshot,
                     &self.clients,
+                    probe,
                     errors.get(&state.key).map(String::as_str),
                     &self.names,
                 )

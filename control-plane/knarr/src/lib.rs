@@ -7,6 +7,7 @@ pub mod app;
 pub mod bootstrap;
 pub mod file_source;
 pub mod ingress_controller;
+pub mod prober;
 pub mod routes_file;
 pub mod status;
 

@@ -111,11 +111,38 @@ impl IngressReport {
     }
 }
 
+/// Whether every connected Envoy holds every resource of the ingress at its current version
+/// (`None`: no Envoy connected).
+pub fn all_acked(state: &IngressState, snapshot: &Snapshot, clients: &Clients) -> Option<bool> {
+    let mut wanted: Vec<(ResourceType, &str, &str)> = Vec::new();
+    for (ty, name) in &state.resources {
+        if let Some(r) = snapshot.get(*ty, name) {
+            wanted.push((*ty, name, &r.version));
+        }
+        if *ty == ResourceType::Cluster {
+            if let Some(r) = snapshot.get(ResourceType::Endpoint, name) {
+                wanted.push((ResourceType::Endpoint, name, &r.version));
+            }
+        }
+    }
+    clients.all_hold(&wanted)
+}
+
+/// Where the hash probe of an ingress stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Probing is off (gateway ports unknown): ACKs are the proof.
+    Off,
+    Confirmed,
+    Pending,
+}
+
 /// Builds the report of one ingress the translator knows.
 pub fn report(
     state: &IngressState,
     snapshot: &Snapshot,
     clients: &Clients,
+    probe: Probe,
     error: Option<&str>,
     names: &LoadBalancerNames,
 ) -> IngressReport {
@@ -131,25 +158,14 @@ pub fn report(
     let lb = if state.not_programmed.is_some() {
         Condition::new("LoadBalancerReady", "Unknown", Some("NotConfigured"), None)
     } else {
-        let mut wanted: Vec<(ResourceType, &str, &str)> = Vec::new();
-        for (ty, name) in &state.resources {
-            if let Some(r) = snapshot.get(*ty, name) {
-                wanted.push((*ty, name, &r.version));
-            }
-            if *ty == ResourceType::Cluster {
-                if let Some(r) = snapshot.get(ResourceType::Endpoint, name) {
-                    wanted.push((ResourceType::Endpoint, name, &r.version));
-                }
-            }
-        }
-        match clients.all_hold(&wanted) {
-            None => Condition::new(
+        match (all_acked(state, snapshot, clients), probe) {
+            (None, _) => Condition::new(
                 "LoadBalancerReady",
                 "Unknown",
                 Some("NoGateway"),
                 Some("no Envoy is connected to the control plane".into()),
             ),
-            Some(false) => Condition::new(
+            (Some(false), _) => Condition::new(
                 "LoadBalancerReady",
                 "Unknown",
                 Some("Uninitialized"),
@@ -158,7 +174,15 @@ pub fn report(
                     clients.count()
                 )),
             ),
-            Some(true) => Condition::new("LoadBalancerReady", "True", None, None),
+            (Some(true), Probe::Pending) => Condition::new(
+                "LoadBalancerReady",
+                "Unknown",
+                Some("ProbePending"),
+                Some("waiting for every gateway to answer the probe with the current hash".into()),
+            ),
+            (Some(true), Probe::Off | Probe::Confirmed) => {
+                Condition::new("LoadBalancerReady", "True", None, None)
+            }
         }
     };
     let ready = match (network.status, lb.status) {

@@ -71,6 +71,8 @@ pub struct ClientStatus {
     pub node_cluster: String,
     pub group: String,
     pub mode: Mode,
+    /// Where the Envoy connected from (its gateway listeners are on the same host).
+    pub peer: Option<SocketAddr>,
     /// Per type: the version Envoy last accepted.
     pub acked: BTreeMap<ResourceType, String>,
     /// Per type: the last rejection (`error_detail` message), until the next ACK of that type.
@@ -455,6 +457,7 @@ impl<P: Protocol> Connection<P> {
                 self.id,
                 ClientStatus {
                     node_id: node.id.clone(),
+                    peer: self.peer,
                     node_cluster: node.cluster.clone(),
                     group: group.clone(),
                     mode: P::MODE,
