@@ -38,7 +38,7 @@ pub const CONTROL_PLANE_ID: &str = "knarr";
 const WILDCARD: &str = "*";
 
 /// The most resources one delta response carries.
-pub const MAX_DELTA_RESOURCES: usize = 5000;
+pub const MAX_DELTA_RESOURCES: usize = 2500;
 
 /// Something worth logging or counting that happened on a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
