@@ -1,5 +1,16 @@
-//! The queue-proxy: the per-pod sidecar in front of the user container (concurrency limit,
-//! timeouts, readiness probing, graceful drain, autoscaler metrics).
+//! knarr-queue-proxy: the per-pod sidecar in front of the user container.
 //!
-//! Not built yet: it arrives with the queue-proxy issue. The crate exists so the workspace has
-//! its final shape from the start.
+//! Requests arrive on `QUEUE_SERVING_PORT` (8012, or 8013 for h2c revisions) from the gateway or
+//! the activator, pass the [`breaker`] (Knative's `CONTAINER_CONCURRENCY` and queue depth), are
+//! counted by [`stats`], and are proxied ([`proxy`]) to the app on `127.0.0.1:$USER_PORT` with
+//! Knative's timeouts. Probes ([`probe`]) decide readiness; [`drain`] handles SIGTERM and
+//! `/wait-for-drain`. The autoscaler reads `:9090/metrics` (the `Stat` protobuf); people read
+//! Prometheus metrics on `:9091/metrics`. Configuration comes from Knative's environment
+//! variables ([`config`]).
+
+pub mod breaker;
+pub mod config;
+pub mod drain;
+pub mod probe;
+pub mod proxy;
+pub mod stats;
