@@ -234,7 +234,10 @@ mod tests {
         assert_eq!(c.revision_timeout, Duration::from_secs(300));
         assert_eq!(c.response_start_timeout, None);
         assert_eq!(c.idle_timeout, None);
-        assert_eq!((c.admin_port, c.metrics_port, c.user_metrics_port), (8022, 9090, 9091));
+        assert_eq!(
+            (c.admin_port, c.metrics_port, c.user_metrics_port),
+            (8022, 9090, 9091)
+        );
         assert_eq!(c.drain_quiet_period, Duration::from_secs(30));
         assert!(c.readiness_probe.unwrap().contains("tcpSocket"));
     }
@@ -243,11 +246,23 @@ mod tests {
     fn missing_or_bad_values_name_the_variable() {
         for (var, value, needle) in [
             ("USER_PORT", "", "USER_PORT: is required"),
-            ("USER_PORT", "http", "USER_PORT: \"http\" is not a port number"),
+            (
+                "USER_PORT",
+                "http",
+                "USER_PORT: \"http\" is not a port number",
+            ),
             ("CONTAINER_CONCURRENCY", "-1", "CONTAINER_CONCURRENCY"),
-            ("REVISION_TIMEOUT_SECONDS", "soon", "REVISION_TIMEOUT_SECONDS"),
+            (
+                "REVISION_TIMEOUT_SECONDS",
+                "soon",
+                "REVISION_TIMEOUT_SECONDS",
+            ),
             ("REVISION_TIMEOUT_SECONDS", "0", "must be greater than 0"),
-            ("REVISION_RESPONSE_START_TIMEOUT_SECONDS", "301", "must not exceed"),
+            (
+                "REVISION_RESPONSE_START_TIMEOUT_SECONDS",
+                "301",
+                "must not exceed",
+            ),
             ("SERVING_POD", " ", "SERVING_POD: is required"),
         ] {
             let mut env = knative_env();
