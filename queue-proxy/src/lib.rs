@@ -8,6 +8,7 @@
 //! Prometheus metrics on `:9091/metrics`. Configuration comes from Knative's environment
 //! variables ([`config`]).
 
+pub mod app;
 pub mod breaker;
 pub mod config;
 pub mod drain;

@@ -31,6 +31,8 @@ pub struct HttpReply {
     pub headers: HeaderMap,
     /// Body, decoded as UTF-8 (lossily).
     pub body: String,
+    /// The body as received (for binary bodies such as protobuf).
+    pub raw: bytes::Bytes,
 }
 
 impl HttpReply {
@@ -167,6 +169,7 @@ pub(crate) async fn buffer(
         status: parts.status.as_u16(),
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
+        raw: body.clone(),
     })
 }
 

@@ -30,7 +30,10 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
         .map(|d| d.join(name))
         .context("exe dir")?;
     if !p.exists() {
-        bail!("{} not found: cargo build --release -p knarr-queue-proxy -p knarr-tests", p.display());
+        bail!(
+            "{} not found: cargo build --release -p knarr-queue-proxy -p knarr-tests",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -60,12 +63,17 @@ fn spawn(bin: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Ch
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn().with_context(|| format!("starting {}", bin.display()))
+    cmd.spawn()
+        .with_context(|| format!("starting {}", bin.display()))
 }
 
 /// Open loop at `rate` for `duration`: latencies of every request (a late request counts from
 /// when it should have been sent, so queueing shows).
-async fn fixed_rate(client: &HttpClient, rate: u64, duration: Duration) -> anyhow::Result<Vec<Duration>> {
+async fn fixed_rate(
+    client: &HttpClient,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<Vec<Duration>> {
     let interval = Duration::from_nanos(1_000_000_000 / rate);
     let total = (duration.as_secs_f64() * rate as f64) as u64;
     let start = tokio::time::Instant::now();
@@ -92,7 +100,11 @@ async fn fixed_rate(client: &HttpClient, rate: u64, duration: Duration) -> anyho
 }
 
 /// Closed loop with `connections` workers: requests per second.
-async fn saturation(addr: SocketAddr, connections: usize, duration: Duration) -> anyhow::Result<f64> {
+async fn saturation(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -125,7 +137,12 @@ fn usage(pid: u32) -> anyhow::Result<(f64, f64)> {
         .context("VmRSS")?
         .parse()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     Ok((rss_kb / 1024.0, ticks / 100.0))
 }
@@ -154,7 +171,12 @@ async fn main() -> anyhow::Result<()> {
     let app_port = free_port()?;
     let _app = spawn(
         &sibling("knarr-echo")?,
-        &["--listen", &format!("127.0.0.1:{app_port}"), "--name", "app"],
+        &[
+            "--listen",
+            &format!("127.0.0.1:{app_port}"),
+            "--name",
+            "app",
+        ],
         &[],
     )?;
     let app = SocketAddr::from(([127, 0, 0, 1], app_port));
@@ -223,10 +245,16 @@ static_resources:
         knarr_tests::ENVOY_VERSION
     );
     println!();
-    println!("| path | p50 µs @ {rate} rps | p99 µs | added p50 µs | added p99 µs | saturation rps |");
+    println!(
+        "| path | p50 µs @ {rate} rps | p99 µs | added p50 µs | added p99 µs | saturation rps |"
+    );
     println!("|---|---:|---:|---:|---:|---:|");
     let mut direct = (0.0, 0.0);
-    for (name, addr) in [("client → app", app), ("client → Envoy → app", envoy_addr), ("client → knarr-queue-proxy → app", qp_addr)] {
+    for (name, addr) in [
+        ("client → app", app),
+        ("client → Envoy → app", envoy_addr),
+        ("client → knarr-queue-proxy → app", qp_addr),
+    ] {
         let client = HttpClient::new(addr);
         // Warm up connections.
         fixed_rate(&client, rate, Duration::from_millis(500)).await?;
@@ -262,9 +290,9 @@ static_resources:
     for (k, v) in fresh_env.iter_mut() {
         match *k {
             "QUEUE_SERVING_PORT" => *v = fresh_port.to_string(),
-            "KNARR_QUEUE_ADMIN_PORT" | "KNARR_QUEUE_METRICS_PORT" | "KNARR_QUEUE_USER_METRICS_PORT" => {
-                *v = free_port()?.to_string()
-            }
+            "KNARR_QUEUE_ADMIN_PORT"
+            | "KNARR_QUEUE_METRICS_PORT"
+            | "KNARR_QUEUE_USER_METRICS_PORT" => *v = free_port()?.to_string(),
             _ => {}
         }
     }

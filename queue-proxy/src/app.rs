@@ -1,0 +1,240 @@
+//! Wires the queue-proxy together: binds its four ports, starts probing and stats reporting,
+//! and runs until drained.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info};
+
+use crate::config::Config;
+use crate::drain::{admin_response, Drainer};
+use crate::probe::{parse_probe, Readiness};
+use crate::proxy::QueueProxy;
+use crate::stats::{Reporter, Stats};
+
+/// How often stats are closed and published (Knative: 1 s).
+pub const REPORTING_PERIOD: Duration = Duration::from_secs(1);
+
+/// A running queue-proxy, with the addresses it actually bound.
+pub struct Running {
+    pub serving_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub user_metrics_addr: SocketAddr,
+    pub proxy: Arc<QueueProxy>,
+    pub reporter: Arc<Reporter>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+/// Serves plain request/response handlers (admin and metrics ports) until `stop`.
+async fn serve_simple<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+impl Running {
+    /// Binds every port, starts probing and reporting, and serves.
+    pub async fn start(config: Config) -> anyhow::Result<Running> {
+        let probe = parse_probe(config.readiness_probe.as_deref(), config.user_port)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let readiness = Readiness::spawn(probe);
+        let stats = Arc::new(Stats::new(config.pod.clone(), tokio::time::Instant::now()));
+        let reporter = Reporter::spawn(stats.clone(), REPORTING_PERIOD);
+        let drainer = Drainer::new(config.drain_quiet_period);
+        let proxy = Arc::new(QueueProxy::new(
+            &config,
+            stats.clone(),
+            readiness,
+            drainer.clone(),
+        ));
+
+        let serving = bind(
+            SocketAddr::new(config.bind, config.serving_port),
+            "requests",
+        )
+        .await?;
+        let admin = bind(
+            SocketAddr::from(([127, 0, 0, 1], config.admin_port)),
+            "admin",
+        )
+        .await?;
+        let metrics = bind(
+            SocketAddr::new(config.bind, config.metrics_port),
+            "autoscaler metrics",
+        )
+        .await?;
+        let user_metrics = bind(
+            SocketAddr::new(config.bind, config.user_metrics_port),
+            "metrics",
+        )
+        .await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let running = Running {
+            serving_addr: serving.local_addr()?,
+            admin_addr: admin.local_addr()?,
+            metrics_addr: metrics.local_addr()?,
+            user_metrics_addr: user_metrics.local_addr()?,
+            proxy: proxy.clone(),
+            reporter: reporter.clone(),
+            stop,
+            tasks: JoinSet::new(),
+        };
+
+        // Requests: HTTP/1.1 and h2c on one port; in-flight requests finish on shutdown.
+        tasks.spawn(serve_requests(serving, proxy.clone(), stop_rx.clone()));
+        let admin_drainer = drainer.clone();
+        tasks.spawn(serve_simple(
+            admin,
+            stop_rx.clone(),
+            move |req: Request<Incoming>| {
+                let drainer = admin_drainer.clone();
+                async move {
+                    admin_response(req.uri().path(), &drainer)
+                        .await
+                        .map(Full::new)
+                }
+            },
+        ));
+        let stat_source = reporter.clone();
+        tasks.spawn(serve_simple(
+            metrics,
+            stop_rx.clone(),
+            move |_req: Request<Incoming>| {
+                let body = stat_source.latest_encoded();
+                async move { text(StatusCode::OK, "application/protobuf", body) }
+            },
+        ));
+        let mut registry = Registry::default();
+        stats.register(&mut registry);
+        let registry = Arc::new(registry);
+        tasks.spawn(serve_simple(
+            user_metrics,
+            stop_rx,
+            move |_req: Request<Incoming>| {
+                let mut out = String::new();
+                let result = prometheus_client::encoding::text::encode(&mut out, &registry);
+                async move {
+                    match result {
+                        Ok(()) => text(
+                            StatusCode::OK,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            out,
+                        ),
+                        Err(e) => text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "text/plain",
+                            e.to_string(),
+                        ),
+                    }
+                }
+            },
+        ));
+        info!(
+            serving = %running.serving_addr,
+            admin = %running.admin_addr,
+            metrics = %running.metrics_addr,
+            user_metrics = %running.user_metrics_addr,
+            revision = %config.revision,
+            "queue-proxy serving"
+        );
+        Ok(Running { tasks, ..running })
+    }
+
+    /// Drains (probes fail at once, requests keep being served until the quiet period passes),
+    /// then stops accepting and lets in-flight requests finish.
+    pub async fn drain_and_stop(mut self) {
+        self.proxy.drainer.start();
+        self.proxy.drainer.drained().await;
+        info!("drained; shutting down");
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn serve_requests(
+    listener: TcpListener,
+    proxy: Arc<QueueProxy>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+        });
+        let conn = auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
