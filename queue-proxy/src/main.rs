@@ -23,9 +23,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    // One worker thread: a sidecar per pod should cost little; the proxy path is I/O bound.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // One thread: a sidecar per pod should cost little, and the proxy path is I/O bound; a
+    // single-threaded runtime also saves the cross-thread wakeups of a work-stealing one.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

