@@ -118,6 +118,23 @@ impl HttpClient {
         self.send(get_request(host, path)?).await
     }
 
+    /// GET `path` on virtual host `host` with extra request headers.
+    pub async fn get_with(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<HttpReply> {
+        let mut req = get_request(host, path)?;
+        for (name, value) in headers {
+            req.headers_mut().append(
+                http::HeaderName::from_bytes(name.as_bytes())?,
+                http::HeaderValue::from_str(value)?,
+            );
+        }
+        self.send(req).await
+    }
+
     /// Sends `req`. Its URI is origin-form (`/path?query`); the virtual host
     /// comes from its `Host` header (sent as `:authority` over h2), else the
     /// client's address.

@@ -83,6 +83,36 @@ where
     }
 }
 
+/// A port that was free on loopback a moment ago, for processes that must be told their port
+/// (benchmarks, the hash prober); tests that can bind port 0 themselves should.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A process's resident memory (MiB) and CPU time (user + system, seconds), from `/proc`.
+pub fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+    use anyhow::Context as _;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmRSS")?
+        .parse()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime, in clock ticks (100 per second on Linux).
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok((rss_kb / 1024.0, ticks / 100.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,12 +121,10 @@ async fn visibility_cluster_local_is_404_outside() {
     // A client cannot pick the internal scope by sending the gateway tag itself.
     let spoof = f
         .external
-        .send(
-            http::Request::get("/")
-                .header("host", "private.default.svc.cluster.local")
-                .header("x-knarr-gateway", "int")
-                .body(bytes::Bytes::new())
-                .unwrap(),
+        .get_with(
+            "private.default.svc.cluster.local",
+            "/",
+            &[("x-knarr-gateway", "int")],
         )
         .await
         .unwrap();
@@ -308,13 +306,10 @@ async fn headers_pre_and_post_split_are_set_over_client_values() {
     for _ in 0..40 {
         let r = f
             .external
-            .send(
-                http::Request::get("/")
-                    .header("host", "hdr.example.com")
-                    .header("x-pre", "client")
-                    .header("x-post", "client")
-                    .body(bytes::Bytes::new())
-                    .unwrap(),
+            .get_with(
+                "hdr.example.com",
+                "/",
+                &[("x-pre", "client"), ("x-post", "client")],
             )
             .await
             .unwrap();
@@ -349,13 +344,10 @@ async fn probe_requests_get_the_ingress_hash() {
     assert_eq!(hash.len(), 64);
     for client in [&f.external, &f.internal] {
         let r = client
-            .send(
-                http::Request::get("/healthz")
-                    .header("host", "probe.example.com")
-                    .header("K-Network-Probe", "probe")
-                    .header("K-Network-Hash", "override")
-                    .body(bytes::Bytes::new())
-                    .unwrap(),
+            .get_with(
+                "probe.example.com",
+                "/healthz",
+                &[("K-Network-Probe", "probe"), ("K-Network-Hash", "override")],
             )
             .await
             .unwrap();
@@ -373,13 +365,10 @@ async fn probe_requests_get_the_ingress_hash() {
     assert_ne!(new_hash, hash);
     let r = f
         .external
-        .send(
-            http::Request::get("/")
-                .header("host", "probe.example.com")
-                .header("K-Network-Probe", "probe")
-                .header("K-Network-Hash", "override")
-                .body(bytes::Bytes::new())
-                .unwrap(),
+        .get_with(
+            "probe.example.com",
+            "/",
+            &[("K-Network-Probe", "probe"), ("K-Network-Hash", "override")],
         )
         .await
         .unwrap();
@@ -513,13 +502,7 @@ async fn tags_route_by_header() {
     );
     let tagged = f
         .external
-        .send(
-            http::Request::get("/")
-                .header("host", "tags.example.com")
-                .header("Knative-Serving-Tag", "blue")
-                .body(bytes::Bytes::new())
-                .unwrap(),
-        )
+        .get_with("tags.example.com", "/", &[("Knative-Serving-Tag", "blue")])
         .await
         .unwrap();
     assert_eq!(tagged.body, "tag-blue");

@@ -50,13 +50,7 @@ async fn start(user_port: u16, extra: &[(&'static str, String)]) -> Running {
 
 async fn probe_queue(addr: SocketAddr) -> u16 {
     HttpClient::new(addr)
-        .send(
-            http::Request::get("/")
-                .header("host", "x")
-                .header("K-Network-Probe", "queue")
-                .body(bytes::Bytes::new())
-                .unwrap(),
-        )
+        .get_with("x", "/", &[("K-Network-Probe", "queue")])
         .await
         .map(|r| r.status)
         .unwrap_or(0)
@@ -77,14 +71,14 @@ async fn proxies_strips_internal_headers_and_answers_probes() {
     wait_ready(qp.serving_addr).await;
     let client = HttpClient::new(qp.serving_addr);
     let r = client
-        .send(
-            http::Request::get("/some/path?q=1")
-                .header("host", "hello.default.example.com")
-                .header("Knative-Serving-Revision", "hello-00001")
-                .header("Knative-Serving-Namespace", "default")
-                .header("x-keep", "yes")
-                .body(bytes::Bytes::new())
-                .unwrap(),
+        .get_with(
+            "hello.default.example.com",
+            "/some/path?q=1",
+            &[
+                ("Knative-Serving-Revision", "hello-00001"),
+                ("Knative-Serving-Namespace", "default"),
+                ("x-keep", "yes"),
+            ],
         )
         .await
         .unwrap();
@@ -97,13 +91,10 @@ async fn proxies_strips_internal_headers_and_answers_probes() {
     // Ingress hash probes are answered here, not by the app, and not counted.
     let before = app.requests();
     let r = client
-        .send(
-            http::Request::get("/")
-                .header("host", "x")
-                .header("K-Network-Probe", "probe")
-                .header("K-Network-Hash", "abc123")
-                .body(bytes::Bytes::new())
-                .unwrap(),
+        .get_with(
+            "x",
+            "/",
+            &[("K-Network-Probe", "probe"), ("K-Network-Hash", "abc123")],
         )
         .await
         .unwrap();
@@ -250,13 +241,7 @@ async fn autoscaler_metrics_decode_as_knative_stat() {
         client.get("x", "/").await.unwrap();
     }
     let proxied = client
-        .send(
-            http::Request::get("/")
-                .header("host", "x")
-                .header("K-Proxy-Request", "activator")
-                .body(bytes::Bytes::new())
-                .unwrap(),
-        )
+        .get_with("x", "/", &[("K-Proxy-Request", "activator")])
         .await
         .unwrap();
     assert_eq!(proxied.status, 200);
@@ -390,13 +375,10 @@ async fn envoy_to_queue_proxy_to_app() {
         .hash;
     let probe = f
         .external
-        .send(
-            http::Request::get("/")
-                .header("host", "hello.default.example.com")
-                .header("K-Network-Probe", "probe")
-                .header("K-Network-Hash", "override")
-                .body(bytes::Bytes::new())
-                .unwrap(),
+        .get_with(
+            "hello.default.example.com",
+            "/",
+            &[("K-Network-Probe", "probe"), ("K-Network-Hash", "override")],
         )
         .await
         .unwrap();
@@ -418,6 +400,8 @@ async fn app_that_resets_connections_gets_502_and_nothing_leaks() {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            // A zero linger makes the drop send RST at once (so it cannot block).
+            #[allow(deprecated)]
             let _ = stream.set_linger(Some(Duration::ZERO));
             drop(stream);
         }

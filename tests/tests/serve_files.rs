@@ -267,16 +267,6 @@ async fn missing_source_directory_is_a_clear_startup_error() {
     assert!(err.to_string().contains("/nonexistent/knarr"), "{err}");
 }
 
-/// A free port on loopback for a listener Envoy will open (the prober needs the gateway's
-/// real ports, so this test cannot let Envoy pick).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn ready_waits_for_the_hash_probe_on_every_gateway() {
     knarr_tests::trace_init();
@@ -292,7 +282,11 @@ async fn ready_waits_for_the_hash_probe_on_every_gateway() {
             + "---\n"
             + &ingress((100, 0), "v1")),
     );
-    let (ext, int) = (free_port(), free_port());
+    // The prober needs the gateway's real ports, so Envoy cannot pick them here.
+    let (ext, int) = (
+        knarr_tests::free_port().unwrap(),
+        knarr_tests::free_port().unwrap(),
+    );
     let cp = ControlPlane::start(ServeConfig {
         xds_addr: "127.0.0.1:0".parse().unwrap(),
         admin_addr: "127.0.0.1:0".parse().unwrap(),

@@ -14,7 +14,7 @@
 //! Usage: `ingress-bench [--sizes 0,1000,5000] [--samples 30] [--churn 100] [--verbose]`
 //! (build `knarr` in the same profile first: `cargo build --release -p knarr -p knarr-tests`).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -23,10 +23,6 @@ use anyhow::{bail, Context as _};
 use knarr::bootstrap::{self, BootstrapOptions};
 use knarr_tests::conformance::LoadGenerator;
 use knarr_tests::{http_get, Envoy, HttpClient, Upstream};
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 fn objects(i: &str, backend: SocketAddr, weights: Option<(u32, u32)>) -> String {
     let splits = match weights {
@@ -70,26 +66,6 @@ fn write_atomic(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, dir.join(name))?;
     Ok(())
-}
-
-/// RSS (MiB) and CPU seconds (user + system) of a process, from /proc.
-fn usage(pid: u32) -> anyhow::Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("VmRSS")?
-        .parse()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok((rss_kb / 1024.0, ticks / 100.0))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -164,7 +140,11 @@ async fn run(n: usize, a: &Args, upstream: SocketAddr, knarr_bin: &Path) -> anyh
         &objects("churn", upstream, Some((100, 0))),
     )?;
 
-    let (xds, admin, api) = (free_port()?, free_port()?, free_port()?);
+    let (xds, admin, api) = (
+        knarr_tests::free_port()?,
+        knarr_tests::free_port()?,
+        knarr_tests::free_port()?,
+    );
     let started = Instant::now();
     let mut knarr = tokio::process::Command::new(knarr_bin)
         .args(["serve", "--source"])
@@ -322,7 +302,7 @@ async fn run(n: usize, a: &Args, upstream: SocketAddr, knarr_bin: &Path) -> anyh
         None
     };
 
-    let (rss_mib, cpu_s) = usage(pid)?;
+    let (rss_mib, cpu_s) = knarr_tests::proc_usage(pid)?;
     envoy.stop().await;
     knarr.kill().await.ok();
     Ok(Row {

@@ -9,7 +9,7 @@
 //! Usage: `qp-bench [--rate 1000] [--seconds 5] [--connections 32]`
 //! (build first: `cargo build --release -p knarr-queue-proxy -p knarr-tests`).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,10 +19,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use knarr_tests::{http_get, Envoy, HttpClient};
 use tokio::process::{Child, Command};
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let p = std::env::current_exe()?
@@ -130,25 +126,6 @@ async fn saturation(
     Ok(n as f64 / elapsed.as_secs_f64())
 }
 
-fn usage(pid: u32) -> anyhow::Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("VmRSS")?
-        .parse()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok((rss_kb / 1024.0, ticks / 100.0))
-}
-
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -170,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let duration = Duration::from_secs(seconds);
 
-    let app_port = free_port()?;
+    let app_port = knarr_tests::free_port()?;
     let _app = spawn(
         &sibling("knarr-echo")?,
         &[
@@ -184,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
     let app = SocketAddr::from(([127, 0, 0, 1], app_port));
     wait_200(app, "bench").await?;
 
-    let qp_port = free_port()?;
+    let qp_port = knarr_tests::free_port()?;
     let qp_env = vec![
         ("SERVING_NAMESPACE", "bench".to_string()),
         ("SERVING_CONFIGURATION", "app".into()),
@@ -196,16 +173,25 @@ async fn main() -> anyhow::Result<()> {
         ("CONTAINER_CONCURRENCY", "0".into()),
         ("REVISION_TIMEOUT_SECONDS", "300".into()),
         ("KNARR_QUEUE_BIND", "127.0.0.1".into()),
-        ("KNARR_QUEUE_ADMIN_PORT", free_port()?.to_string()),
-        ("KNARR_QUEUE_METRICS_PORT", free_port()?.to_string()),
-        ("KNARR_QUEUE_USER_METRICS_PORT", free_port()?.to_string()),
+        (
+            "KNARR_QUEUE_ADMIN_PORT",
+            knarr_tests::free_port()?.to_string(),
+        ),
+        (
+            "KNARR_QUEUE_METRICS_PORT",
+            knarr_tests::free_port()?.to_string(),
+        ),
+        (
+            "KNARR_QUEUE_USER_METRICS_PORT",
+            knarr_tests::free_port()?.to_string(),
+        ),
     ];
     let qp = spawn(&sibling("knarr-queue-proxy")?, &[], &qp_env)?;
     let qp_pid = qp.id().context("pid")?;
     let qp_addr = SocketAddr::from(([127, 0, 0, 1], qp_port));
     wait_200(qp_addr, "bench").await?;
 
-    let envoy_port = free_port()?;
+    let envoy_port = knarr_tests::free_port()?;
     let envoy = Envoy::builder()
         .log_level("error")
         .start(&format!(
@@ -276,10 +262,10 @@ static_resources:
 
     // Idle: after a quiet period, the queue-proxy's memory and the CPU it burns doing nothing.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (_, cpu0) = usage(qp_pid)?;
+    let (_, cpu0) = knarr_tests::proc_usage(qp_pid)?;
     let idle = Duration::from_secs(5);
     tokio::time::sleep(idle).await;
-    let (rss, cpu1) = usage(qp_pid)?;
+    let (rss, cpu1) = knarr_tests::proc_usage(qp_pid)?;
     println!();
     println!(
         "knarr-queue-proxy idle: RSS {rss:.1} MiB (after the load above), CPU {:.1} ms over {} s idle",
@@ -287,21 +273,21 @@ static_resources:
         idle.as_secs()
     );
     // A fresh queue-proxy that has served nothing: the per-pod floor.
-    let fresh_port = free_port()?;
+    let fresh_port = knarr_tests::free_port()?;
     let mut fresh_env = qp_env.clone();
     for (k, v) in fresh_env.iter_mut() {
         match *k {
             "QUEUE_SERVING_PORT" => *v = fresh_port.to_string(),
             "KNARR_QUEUE_ADMIN_PORT"
             | "KNARR_QUEUE_METRICS_PORT"
-            | "KNARR_QUEUE_USER_METRICS_PORT" => *v = free_port()?.to_string(),
+            | "KNARR_QUEUE_USER_METRICS_PORT" => *v = knarr_tests::free_port()?.to_string(),
             _ => {}
         }
     }
     let fresh = spawn(&sibling("knarr-queue-proxy")?, &[], &fresh_env)?;
     wait_200(SocketAddr::from(([127, 0, 0, 1], fresh_port)), "bench").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (fresh_rss, _) = usage(fresh.id().context("pid")?)?;
+    let (fresh_rss, _) = knarr_tests::proc_usage(fresh.id().context("pid")?)?;
     println!("knarr-queue-proxy fresh (one request served): RSS {fresh_rss:.1} MiB");
     envoy.stop().await;
     Ok(())
