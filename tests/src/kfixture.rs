@@ -52,6 +52,21 @@ subsets:
     )
 }
 
+/// A KIngress of Knarr's class in namespace `default`; `body` is the `spec` (indented by 2).
+pub fn ingress(name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: networking.internal.knative.dev/v1alpha1\nkind: Ingress\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    networking.knative.dev/ingress.class: {}\nspec:\n{body}",
+        knarr_model::KNARR_INGRESS_CLASS
+    )
+}
+
+/// A rule sending all of `host` to `service` (port 80) with Knative's revision headers.
+pub fn simple_rule(host: &str, service: &str, visibility: &str) -> String {
+    format!(
+        "  - hosts: [{host}]\n    visibility: {visibility}\n    http:\n      paths:\n      - splits:\n        - serviceName: {service}\n          servicePort: 80\n          percent: 100\n          appendHeaders: {{Knative-Serving-Revision: {service}, Knative-Serving-Namespace: default}}\n"
+    )
+}
+
 /// The control plane, the ingress index and a real Envoy.
 pub struct KFixture {
     pub cache: Arc<SnapshotCache>,
@@ -156,6 +171,24 @@ impl KFixture {
                 self.cp.clients.list()
             )
         })
+    }
+
+    /// Exposes a local backend as Service `name` (port named `port_name`) and routes the
+    /// external `host` to it with a one-rule ingress of the same name.
+    pub async fn expose(
+        &mut self,
+        name: &str,
+        port_name: &str,
+        backend: SocketAddr,
+        host: &str,
+    ) -> anyhow::Result<()> {
+        self.apply_yaml(&service_yaml(name, port_name, backend))
+            .await?;
+        self.apply_yaml(&ingress(
+            name,
+            &format!("  rules:\n{}", simple_rule(host, name, "ExternalIP")),
+        ))
+        .await
     }
 
     /// The HTTPS listener's address (it exists once an ingress has TLS).

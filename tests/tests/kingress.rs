@@ -7,38 +7,16 @@
 use std::collections::HashMap;
 
 use knarr_model::{Kind, ObjectKey};
-use knarr_tests::kfixture::{service_yaml, KFixture};
+use knarr_tests::kfixture::{ingress, service_yaml, simple_rule, KFixture};
 use knarr_tests::Upstream;
 use knarr_translate::reconcile::Change;
-
-fn ingress(name: &str, body: &str) -> String {
-    format!(
-        "apiVersion: networking.internal.knative.dev/v1alpha1\nkind: Ingress\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    networking.knative.dev/ingress.class: knarr.ingress.networking.knative.dev\nspec:\n{body}"
-    )
-}
-
-/// A single-split rule for `host` to `service` with visibility.
-fn simple_rule(host: &str, service: &str, visibility: &str) -> String {
-    format!(
-        "  - hosts: [{host}]\n    visibility: {visibility}\n    http:\n      paths:\n      - splits:\n        - serviceName: {service}\n          servicePort: 80\n          percent: 100\n          appendHeaders: {{Knative-Serving-Revision: {service}, Knative-Serving-Namespace: default}}\n"
-    )
-}
 
 async fn basics(delta: bool) {
     let mut f = KFixture::start(delta).await.unwrap();
     let up = Upstream::start("basics").await.unwrap();
-    f.apply_yaml(&service_yaml("basics", "http", up.addr()))
+    f.expose("basics", "http", up.addr(), "basics.example.com")
         .await
         .unwrap();
-    f.apply_yaml(&ingress(
-        "basics",
-        &format!(
-            "  rules:\n{}",
-            simple_rule("basics.example.com", "basics", "ExternalIP")
-        ),
-    ))
-    .await
-    .unwrap();
     KFixture::wait_200(&f.external, "basics.example.com", "/")
         .await
         .unwrap();
@@ -181,18 +159,9 @@ async fn percentage_split_follows_weights() {
 async fn deleting_an_ingress_removes_its_hosts() {
     let mut f = KFixture::start(true).await.unwrap();
     let up = Upstream::start("gone").await.unwrap();
-    f.apply_yaml(&service_yaml("gone", "http", up.addr()))
+    f.expose("gone", "http", up.addr(), "gone.example.com")
         .await
         .unwrap();
-    f.apply_yaml(&ingress(
-        "gone",
-        &format!(
-            "  rules:\n{}",
-            simple_rule("gone.example.com", "gone", "ExternalIP")
-        ),
-    ))
-    .await
-    .unwrap();
     KFixture::wait_200(&f.external, "gone.example.com", "/")
         .await
         .unwrap();

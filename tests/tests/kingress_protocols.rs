@@ -16,26 +16,11 @@ use http::Request;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 use knarr_tests::conformance::{https_get_with_alpn, LeafCert, RequestRecord};
-use knarr_tests::kfixture::{service_yaml, KFixture, WAIT};
+use knarr_tests::kfixture::{ingress, service_yaml, simple_rule, KFixture, WAIT};
 use knarr_tests::{
     https_get, poll_until, ws_connect, GrpcEcho, GrpcStreamClient, HttpClient, LoadGenerator,
     TestCa, Upstream, WebSocketEcho,
 };
-
-const INGRESS_CLASS: &str = "knarr.ingress.networking.knative.dev";
-
-fn ingress(name: &str, body: &str) -> String {
-    format!(
-        "apiVersion: networking.internal.knative.dev/v1alpha1\nkind: Ingress\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    networking.knative.dev/ingress.class: {INGRESS_CLASS}\nspec:\n{body}"
-    )
-}
-
-/// A single-split rule for `host` to `service` with visibility.
-fn simple_rule(host: &str, service: &str, visibility: &str) -> String {
-    format!(
-        "  - hosts: [{host}]\n    visibility: {visibility}\n    http:\n      paths:\n      - splits:\n        - serviceName: {service}\n          servicePort: 80\n          percent: 100\n          appendHeaders: {{Knative-Serving-Revision: {service}, Knative-Serving-Namespace: default}}\n"
-    )
-}
 
 /// An external rule for `host` splitting evenly between two services.
 fn split_rule(host: &str, a: &str, b: &str) -> String {
@@ -156,18 +141,9 @@ const GRPC_PATH: &str = "/echo.Echo/Stream";
 async fn grpc_hundred_round_trips_on_one_stream() {
     let mut f = KFixture::start(true).await.unwrap();
     let echo = GrpcEcho::start("grpc").await.unwrap();
-    f.apply_yaml(&service_yaml("grpc", "h2c", echo.addr()))
+    f.expose("grpc", "h2c", echo.addr(), "grpc.example.com")
         .await
         .unwrap();
-    f.apply_yaml(&ingress(
-        "grpc",
-        &format!(
-            "  rules:\n{}",
-            simple_rule("grpc.example.com", "grpc", "ExternalIP")
-        ),
-    ))
-    .await
-    .unwrap();
     wait_routed(&f.external, "grpc.example.com").await;
 
     let mut call = GrpcStreamClient::connect(f.external_addr, "grpc.example.com", GRPC_PATH)
@@ -245,18 +221,9 @@ async fn grpc_split_reaches_both_backends() {
 async fn websocket_hundred_echoes() {
     let mut f = KFixture::start(true).await.unwrap();
     let echo = WebSocketEcho::start("ws").await.unwrap();
-    f.apply_yaml(&service_yaml("ws", "http", echo.addr()))
+    f.expose("ws", "http", echo.addr(), "ws.example.com")
         .await
         .unwrap();
-    f.apply_yaml(&ingress(
-        "ws",
-        &format!(
-            "  rules:\n{}",
-            simple_rule("ws.example.com", "ws", "ExternalIP")
-        ),
-    ))
-    .await
-    .unwrap();
     wait_ws_routed(f.external_addr, "ws.example.com").await;
     let before = echo.connections();
 
@@ -324,18 +291,9 @@ async fn retry_the_first_503_reaches_the_client() {
         .start()
         .await
         .unwrap();
-    f.apply_yaml(&service_yaml("flaky", "http", up.addr()))
+    f.expose("flaky", "http", up.addr(), "flaky.example.com")
         .await
         .unwrap();
-    f.apply_yaml(&ingress(
-        "flaky",
-        &format!(
-            "  rules:\n{}",
-            simple_rule("flaky.example.com", "flaky", "ExternalIP")
-        ),
-    ))
-    .await
-    .unwrap();
     // Probes are not requests: the failure is still unused.
     wait_routed(&f.external, "flaky.example.com").await;
     assert_eq!(up.requests(), 0);
