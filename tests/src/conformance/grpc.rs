@@ -9,8 +9,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
@@ -20,10 +18,11 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
+use super::TestServer;
 use crate::REQUEST_TIMEOUT;
 
 /// Bytes before each gRPC message: compressed flag and length.
@@ -36,83 +35,35 @@ const PREFIX_LEN: usize = 5;
 /// [`Upstream`](crate::Upstream)) and ends with trailer `grpc-status: 0`. Other
 /// requests get 415. Stops serving when dropped.
 #[derive(Debug)]
-pub struct GrpcEcho {
-    name: String,
-    addr: SocketAddr,
-    streams: Arc<AtomicU64>,
-    server: JoinHandle<()>,
-}
+pub struct GrpcEcho(TestServer);
 
 impl GrpcEcho {
     /// Binds `127.0.0.1:0` and starts serving as `name`.
     pub async fn start(name: &str) -> anyhow::Result<GrpcEcho> {
-        let name_header = HeaderValue::from_str(name)
-            .with_context(|| format!("gRPC echo name {name:?} is not a valid header value"))?;
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding gRPC echo")?;
-        let addr = listener.local_addr()?;
-        let streams = Arc::new(AtomicU64::new(0));
-        let server = tokio::spawn(serve(listener, name_header, streams.clone()));
-        Ok(GrpcEcho {
-            name: name.to_owned(),
-            addr,
-            streams,
-            server,
+        TestServer::start(name, "gRPC echo", |stream, name, streams| async move {
+            let service = hyper::service::service_fn(move |req| {
+                let resp = echo_call(&name, &streams, req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         })
-    }
-
-    /// Its name, as sent in `x-upstream`.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The bound port.
-    pub fn port(&self) -> u16 {
-        self.addr.port()
+        .await
+        .map(GrpcEcho)
     }
 
     /// gRPC streams (calls) received so far.
     pub fn streams(&self) -> u64 {
-        self.streams.load(Ordering::SeqCst)
+        self.0.count()
     }
 }
 
-impl Drop for GrpcEcho {
-    fn drop(&mut self) {
-        // Dropping the accept loop's JoinSet aborts every connection.
-        self.server.abort();
-    }
-}
+impl std::ops::Deref for GrpcEcho {
+    type Target = TestServer;
 
-async fn serve(listener: TcpListener, name: HeaderValue, streams: Arc<AtomicU64>) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let (name, streams) = (name.clone(), streams.clone());
-                connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let resp = echo_call(&name, &streams, req);
-                        async move { Ok::<_, Infallible>(resp) }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
+    fn deref(&self) -> &TestServer {
+        &self.0
     }
 }
 

@@ -16,10 +16,12 @@
 
 mod grpc;
 mod load;
+mod server;
 mod tls;
 mod websocket;
 
 pub use grpc::{grpc_frame, GrpcEcho, GrpcStreamClient};
 pub use load::{LoadBuilder, LoadGenerator, LoadSummary, RequestRecord, DEFAULT_MAX_DURATION};
+pub use server::TestServer;
 pub use tls::{https_get, https_get_with_alpn, server_config, HttpsReply, LeafCert, TestCa};
 pub use websocket::{ws_connect, ws_connect_with_headers, WebSocketEcho, WsClient};

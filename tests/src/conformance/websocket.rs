@@ -6,15 +6,12 @@
 //! the client sent and a split test still sees which backend it reached.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context as _};
 use futures::{SinkExt as _, StreamExt as _};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::handshake::server::{
     ErrorResponse, Request as UpgradeRequest, Response as UpgradeResponse,
@@ -22,93 +19,51 @@ use tokio_tungstenite::tungstenite::handshake::server::{
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use super::TestServer;
 use crate::REQUEST_TIMEOUT;
 
 /// A running WebSocket echo backend on `127.0.0.1:<ephemeral>`: every text
 /// or binary message is sent straight back. Stops serving, and drops its
 /// connections, when dropped.
 #[derive(Debug)]
-pub struct WebSocketEcho {
-    name: String,
-    addr: SocketAddr,
-    connections: Arc<AtomicU64>,
-    server: JoinHandle<()>,
-}
+pub struct WebSocketEcho(TestServer);
 
 impl WebSocketEcho {
     /// Binds `127.0.0.1:0` and starts serving as `name`.
     pub async fn start(name: &str) -> anyhow::Result<WebSocketEcho> {
-        let name_header = HeaderValue::from_str(name)
-            .with_context(|| format!("websocket echo name {name:?} is not a valid header value"))?;
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding websocket echo")?;
-        let addr = listener.local_addr()?;
-        let connections = Arc::new(AtomicU64::new(0));
-        let server = tokio::spawn(serve(listener, name_header, connections.clone()));
-        Ok(WebSocketEcho {
-            name: name.to_owned(),
-            addr,
-            connections,
-            server,
-        })
-    }
-
-    /// Its name, as sent in `x-upstream`.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The bound port.
-    pub fn port(&self) -> u16 {
-        self.addr.port()
+        TestServer::start(
+            name,
+            "websocket echo",
+            |stream, name, connections| async move {
+                // The error type is tungstenite's `Callback` contract.
+                #[allow(clippy::result_large_err)]
+                let add_headers = |req: &UpgradeRequest, resp: UpgradeResponse| {
+                    Ok::<_, ErrorResponse>(upgrade_headers(&name, req, resp))
+                };
+                // A failed handshake is the client's problem; tungstenite has already answered it
+                // with an error status.
+                let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, add_headers).await else {
+                    return;
+                };
+                connections.fetch_add(1, Ordering::SeqCst);
+                echo(ws).await;
+            },
+        )
+        .await
+        .map(WebSocketEcho)
     }
 
     /// Upgrades completed so far.
     pub fn connections(&self) -> u64 {
-        self.connections.load(Ordering::SeqCst)
+        self.0.count()
     }
 }
 
-impl Drop for WebSocketEcho {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
+impl std::ops::Deref for WebSocketEcho {
+    type Target = TestServer;
 
-async fn serve(listener: TcpListener, name: HeaderValue, connections: Arc<AtomicU64>) {
-    let mut tasks = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let (name, connections) = (name.clone(), connections.clone());
-                tasks.spawn(async move {
-                    // The error type is tungstenite's `Callback` contract.
-                    #[allow(clippy::result_large_err)]
-                    let add_headers = |req: &UpgradeRequest, resp: UpgradeResponse| {
-                        Ok::<_, ErrorResponse>(upgrade_headers(&name, req, resp))
-                    };
-                    // A failed handshake is the client's problem; tungstenite
-                    // has already answered it with an error status.
-                    let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, add_headers).await else {
-                        return;
-                    };
-                    connections.fetch_add(1, Ordering::SeqCst);
-                    echo(ws).await;
-                });
-            }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
+    fn deref(&self) -> &TestServer {
+        &self.0
     }
 }
 
