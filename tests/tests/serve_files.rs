@@ -60,6 +60,43 @@ fn ready_of(report: &serde_json::Value) -> String {
         .unwrap()
 }
 
+/// `knarr serve --source file:DIR` in-process, with the gateway on the given ports (0: Envoy picks).
+async fn serve_folder(dir: &Path, external_port: u16, internal_port: u16) -> ControlPlane {
+    ControlPlane::start(ServeConfig {
+        xds_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        source_dirs: vec![dir.to_owned()],
+        gateway: GatewayConfig {
+            address: "127.0.0.1".parse().unwrap(),
+            external_http_port: external_port,
+            internal_http_port: internal_port,
+            external_https_port: 0,
+            internal_https_port: 0,
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A real Envoy on delta ADS to `cp`, ready.
+async fn envoy_for(cp: &ControlPlane) -> Envoy {
+    let envoy = Envoy::start(
+        &bootstrap::render(&BootstrapOptions {
+            xds_addr: cp.xds_addr.to_string(),
+            delta: true,
+            admin_port: 0,
+            ..Default::default()
+        })
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    envoy.wait_ready(WAIT).await.unwrap();
+    envoy
+}
+
 #[tokio::test]
 async fn folder_of_objects_served_edited_live_and_broken_safely() {
     knarr_tests::trace_init();
@@ -75,40 +112,14 @@ async fn folder_of_objects_served_edited_live_and_broken_safely() {
     );
     write(dir.path(), "ingress.yaml", &ingress((100, 0), "v1"));
 
-    let cp = ControlPlane::start(ServeConfig {
-        xds_addr: "127.0.0.1:0".parse().unwrap(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        source_dirs: vec![dir.path().to_owned()],
-        gateway: GatewayConfig {
-            address: "127.0.0.1".parse().unwrap(),
-            external_http_port: 0,
-            internal_http_port: 0,
-            external_https_port: 0,
-            internal_https_port: 0,
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let cp = serve_folder(dir.path(), 0, 0).await;
     let api = cp.api_addr.unwrap();
 
     // Before any Envoy connects the ingress is configured but no load balancer is ready.
     let before = api_json(api, "/api/v1/ingresses/default/hello").await;
     assert_eq!(ready_of(&before), "Unknown", "{before:#}");
 
-    let envoy = Envoy::start(
-        &bootstrap::render(&BootstrapOptions {
-            xds_addr: cp.xds_addr.to_string(),
-            delta: true,
-            admin_port: 0,
-            ..Default::default()
-        })
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    envoy.wait_ready(WAIT).await.unwrap();
+    let envoy = envoy_for(&cp).await;
     let port = envoy
         .wait_listener_port(GatewayTag::External.listener_name(), WAIT)
         .await
@@ -287,35 +298,9 @@ async fn ready_waits_for_the_hash_probe_on_every_gateway() {
         knarr_tests::free_port().unwrap(),
         knarr_tests::free_port().unwrap(),
     );
-    let cp = ControlPlane::start(ServeConfig {
-        xds_addr: "127.0.0.1:0".parse().unwrap(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        source_dirs: vec![dir.path().to_owned()],
-        gateway: GatewayConfig {
-            address: "127.0.0.1".parse().unwrap(),
-            external_http_port: ext,
-            internal_http_port: int,
-            external_https_port: 0,
-            internal_https_port: 0,
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let cp = serve_folder(dir.path(), ext, int).await;
     let api = cp.api_addr.unwrap();
-    let envoy = Envoy::start(
-        &bootstrap::render(&BootstrapOptions {
-            xds_addr: cp.xds_addr.to_string(),
-            delta: true,
-            admin_port: 0,
-            ..Default::default()
-        })
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    envoy.wait_ready(WAIT).await.unwrap();
+    let envoy = envoy_for(&cp).await;
     poll_until("ingress Ready", WAIT, || async {
         ready_of(&api_json(api, "/api/v1/ingresses/default/hello").await) == "True"
     })
