@@ -130,12 +130,10 @@ impl ControlPlane {
         cp.tasks
             .spawn(controller.clone().run(rx, shutdown_rx.clone()));
         if let Some(ports) = probe_ports {
-            let (targets, ips) = (controller.clone(), controller.clone());
             cp.tasks.spawn(crate::prober::run(
                 ports,
                 probes,
-                move || targets.probe_targets(),
-                move || ips.gateway_ips(),
+                controller.clone(),
                 shutdown_rx.clone(),
             ));
         }

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::file_source::{Batch, FileError};
-use crate::prober::{ProbeResults, Target};
+use crate::prober::{ProbeResults, ProbeSource, Target};
 use crate::routes_file::Routes;
 use crate::status::{self, IngressReport, LoadBalancerNames, Probe};
 use knarr_translate::kingress::GatewayTag;
@@ -30,6 +30,8 @@ pub struct IngressController {
     names: LoadBalancerNames,
     /// Probe results, when probing is on.
     probes: Option<Arc<ProbeResults>>,
+    /// Ingresses whose current version is not confirmed by probing yet.
+    probe_pending: Mutex<std::collections::BTreeSet<ObjectKey>>,
 }
 
 impl IngressController {
@@ -48,6 +50,7 @@ impl IngressController {
             statics,
             names,
             probes: None,
+            probe_pending: Mutex::new(Default::default()),
         }
     }
 
@@ -58,32 +61,54 @@ impl IngressController {
     }
 
     /// Ingresses every Envoy has ACKed whose current hash is not yet confirmed by probing.
+    /// Only ingresses changed since their last confirmation are looked at (not all of them on
+    /// every round).
     pub fn probe_targets(&self) -> Vec<Target> {
         let Some(probes) = &self.probes else {
             return Vec::new();
         };
         let index = self.index.lock().unwrap();
         let snapshot = self.cache.get(knarr_xds::DEFAULT_GROUP).unwrap_or_default();
-        index
-            .states()
-            .into_iter()
-            .filter(|s| s.not_programmed.is_none() && !probes.confirmed(&s.key, &s.hash))
-            .filter(|s| status::all_acked(s, &snapshot, &self.clients) == Some(true))
-            .map(|s| Target {
-                hosts: s
-                    .claims
-                    .iter()
-                    .filter(|(tag, _)| matches!(tag, GatewayTag::External | GatewayTag::Internal))
-                    .cloned()
-                    .collect(),
-                key: s.key,
-                hash: s.hash,
-            })
-            .collect()
+        let mut pending = self.probe_pending.lock().unwrap();
+        let mut targets = Vec::new();
+        pending.retain(|key| {
+            let Some(s) = index.state(key) else {
+                return false;
+            };
+            if s.not_programmed.is_some() || probes.confirmed(&s.key, &s.hash) {
+                return false;
+            }
+            if status::all_acked(&s, &snapshot, &self.clients) == Some(true) {
+                targets.push(Target {
+                    hosts: s
+                        .claims
+                        .iter()
+                        .filter(|(tag, _)| {
+                            matches!(tag, GatewayTag::External | GatewayTag::Internal)
+                        })
+                        .cloned()
+                        .collect(),
+                    key: s.key,
+                    hash: s.hash,
+                });
+            }
+            true
+        });
+        targets
+    }
+
+    /// Every ingress must be confirmed again (the set of gateways changed).
+    pub fn reprobe_all(&self) {
+        if let Some(probes) = &self.probes {
+            probes.clear();
+            let index = self.index.lock().unwrap();
+            let mut pending = self.probe_pending.lock().unwrap();
+            pending.extend(index.states().into_iter().map(|s| s.key));
+        }
     }
 
     /// Where the connected Envoys are.
-    pub fn gateway_ips(&self) -> Vec<std::net::IpAddr> {
+    fn gateway_ips(&self) -> Vec<std::net::IpAddr> {
         let mut ips: Vec<_> = self
             .clients
             .list()
@@ -116,6 +141,12 @@ impl IngressController {
         let snapshot = {
             let mut index = self.index.lock().unwrap();
             let changed = index.apply(batch.changes);
+            if self.probes.is_some() {
+                self.probe_pending
+                    .lock()
+                    .unwrap()
+                    .extend(changed.iter().cloned());
+            }
             debug!(
                 objects = count,
                 ingresses = changed.len(),
@@ -237,5 +268,19 @@ pub fn log_load(batch: &Batch) {
             errors = batch.errors.len(),
             "some objects could not be loaded; see messages above"
         );
+    }
+}
+
+impl ProbeSource for IngressController {
+    fn targets(&self) -> Vec<Target> {
+        self.probe_targets()
+    }
+
+    fn gateways(&self) -> Vec<std::net::IpAddr> {
+        self.gateway_ips()
+    }
+
+    fn reprobe_all(&self) {
+        IngressController::reprobe_all(self)
     }
 }

@@ -71,6 +71,11 @@ impl ProbeResults {
     fn set(&self, key: ObjectKey, hash: String) {
         self.confirmed.lock().unwrap().insert(key, hash);
     }
+
+    /// Forgets every confirmation (the gateways changed).
+    pub fn clear(&self) {
+        self.confirmed.lock().unwrap().clear();
+    }
 }
 
 /// One ingress to confirm: its hash and the hosts to ask, per gateway.
@@ -141,27 +146,40 @@ async fn probe_target(
     true
 }
 
-/// Runs until `shutdown`: every period, `targets()` names the ingresses that are ACKed but not
-/// yet confirmed, `gateways()` the Envoys to ask; confirmed hashes land in `results`.
+/// Where the prober gets its work.
+pub trait ProbeSource: Send + Sync + 'static {
+    /// Ingresses ACKed by every Envoy but not confirmed yet.
+    fn targets(&self) -> Vec<Target>;
+    /// Where the connected Envoys are.
+    fn gateways(&self) -> Vec<IpAddr>;
+    /// The gateways changed: every ingress must be confirmed again.
+    fn reprobe_all(&self);
+}
+
+/// Runs until `shutdown`: every period, asks `source` for ingresses to confirm and the Envoys to
+/// ask; confirmed hashes land in `results`.
 pub async fn run(
     ports: BTreeMap<GatewayTag, u16>,
     results: Arc<ProbeResults>,
-    targets: impl Fn() -> Vec<Target> + Send + 'static,
-    gateways: impl Fn() -> Vec<IpAddr> + Send + 'static,
+    source: Arc<dyn ProbeSource>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let mut known_gateways = Vec::new();
     loop {
         tokio::select! {
             () = tokio::time::sleep(PERIOD) => {}
             () = knarr_xds::server::stopped(&mut shutdown) => return,
         }
-        let gateways = gateways();
+        let gateways = source.gateways();
+        if gateways != known_gateways {
+            source.reprobe_all();
+            known_gateways = gateways.clone();
+        }
         if gateways.is_empty() {
-            debug!("no gateway to probe");
             continue;
         }
-        let todo = targets();
+        let todo = source.targets();
         if !todo.is_empty() {
             debug!(targets = todo.len(), gateways = gateways.len(), "probing");
         }
