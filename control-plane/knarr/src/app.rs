@@ -160,6 +160,9 @@ impl ControlPlane {
     ) -> anyhow::Result<ControlPlane> {
         let mut registry = Registry::default();
         let metrics = Arc::new(XdsMetrics::new(&mut registry));
+        if let Some(controller) = &controller {
+            controller.register_metrics(&mut registry);
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let xds_listener = TcpListener::bind(config.xds_addr)

@@ -9,6 +9,10 @@ use std::time::Instant;
 use knarr_model::{Kind, ObjectKey};
 use knarr_translate::reconcile::IngressIndex;
 use knarr_xds::{Clients, SnapshotBuilder, SnapshotCache};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -18,8 +22,32 @@ use crate::routes_file::Routes;
 use crate::status::{self, IngressReport, LoadBalancerNames, Probe};
 use knarr_translate::kingress::GatewayTag;
 
+/// The controller's Prometheus metrics.
+#[derive(Debug)]
+struct ControllerMetrics {
+    ingresses: Gauge,
+    not_programmed: Gauge,
+    source_errors: Gauge,
+    publishes: Counter,
+    publish_seconds: Histogram,
+}
+
+impl ControllerMetrics {
+    fn new() -> Self {
+        ControllerMetrics {
+            ingresses: Gauge::default(),
+            not_programmed: Gauge::default(),
+            source_errors: Gauge::default(),
+            publishes: Counter::default(),
+            // 0.1 ms .. ~3 s
+            publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        }
+    }
+}
+
 /// Shared state of the ingress controller, read by the status API.
 pub struct IngressController {
+    metrics: ControllerMetrics,
     index: Mutex<IngressIndex>,
     /// Source errors, per file.
     errors: Mutex<BTreeMap<PathBuf, Vec<FileError>>>,
@@ -43,6 +71,7 @@ impl IngressController {
         names: LoadBalancerNames,
     ) -> Self {
         IngressController {
+            metrics: ControllerMetrics::new(),
             index: Mutex::new(index),
             errors: Mutex::new(BTreeMap::new()),
             cache,
@@ -52,6 +81,49 @@ impl IngressController {
             probes: None,
             probe_pending: Mutex::new(Default::default()),
         }
+    }
+
+    /// Registers `knarr_ingresses`, `knarr_ingresses_not_programmed`, `knarr_source_errors`,
+    /// `knarr_config_publishes_total` and `knarr_config_publish_seconds`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let m = &self.metrics;
+        registry.register(
+            "knarr_ingresses",
+            "KIngresses of this class",
+            m.ingresses.clone(),
+        );
+        registry.register(
+            "knarr_ingresses_not_programmed",
+            "KIngresses not programmed (e.g. a domain conflict)",
+            m.not_programmed.clone(),
+        );
+        registry.register(
+            "knarr_source_errors",
+            "Problems the sources currently report (broken files, invalid objects)",
+            m.source_errors.clone(),
+        );
+        registry.register(
+            "knarr_config_publishes",
+            "Snapshots published after source changes",
+            m.publishes.clone(),
+        );
+        registry.register(
+            "knarr_config_publish_seconds",
+            "Time to apply a batch of source changes and publish the snapshot",
+            m.publish_seconds.clone(),
+        );
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let (total, not_programmed) = {
+            let index = self.index.lock().unwrap();
+            (index.len(), index.not_programmed_count())
+        };
+        self.metrics.ingresses.set(total as i64);
+        self.metrics.not_programmed.set(not_programmed as i64);
+        let errors: usize = self.errors.lock().unwrap().values().map(Vec::len).sum();
+        self.metrics.source_errors.set(errors as i64);
     }
 
     /// Turns hash probing on: readiness then also waits for the probes.
@@ -135,6 +207,7 @@ impl IngressController {
             errors.extend(fresh);
         }
         if batch.changes.is_empty() {
+            self.update_gauges();
             return;
         }
         let count = batch.changes.len();
@@ -155,6 +228,11 @@ impl IngressController {
             self.compose(&index)
         };
         let published = self.cache.set_default(snapshot);
+        self.metrics.publishes.inc();
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.update_gauges();
         info!(
             objects = count,
             generation = published.generation(),

@@ -556,6 +556,11 @@ impl IngressIndex {
         }
     }
 
+    /// Ingresses of our class that are not programmed (domain conflicts).
+    pub fn not_programmed_count(&self) -> usize {
+        self.not_programmed.len()
+    }
+
     /// Number of ingresses of our class.
     pub fn len(&self) -> usize {
         self.ingresses.len()
