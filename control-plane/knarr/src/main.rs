@@ -255,18 +255,24 @@ async fn serve(config: ServeConfig) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Waits for SIGTERM or SIGINT. SIGHUP (which would otherwise end the process) is logged and
+/// ignored: there is no configuration to reload.
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         // Without signal handlers, run until killed.
         std::future::pending::<()>().await;
         unreachable!()
     };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => tracing::info!("SIGHUP ignored: sources are watched, nothing to reload"),
+        }
     }
 }
