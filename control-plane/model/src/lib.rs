@@ -8,6 +8,7 @@
 
 pub mod k8s;
 mod parse;
+pub mod serving;
 mod validate;
 
 use std::fmt;

@@ -58,7 +58,7 @@ impl fmt::Display for ParseError {
 impl std::error::Error for ParseError {}
 
 /// Splits `text` into YAML documents (`---` lines), with the 1-based line each starts on.
-fn split_documents(text: &str) -> Vec<(usize, String)> {
+pub(crate) fn split_documents(text: &str) -> Vec<(usize, String)> {
     let mut docs = Vec::new();
     let mut current = String::new();
     let mut start = 1;
@@ -82,7 +82,7 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
 }
 
 /// serde_yaml's message without its trailing " at line L column C", and the line.
-fn yaml_error(e: &serde_yaml::Error, first_line: usize) -> (Option<usize>, String) {
+pub(crate) fn yaml_error(e: &serde_yaml::Error, first_line: usize) -> (Option<usize>, String) {
     let line = e.location().map(|l| first_line + l.line() - 1);
     // Drop every " at line L column C": the line is reported once, file-relative.
     let mut message = e.to_string();
@@ -105,7 +105,7 @@ pub fn parse_documents(file: &str, text: &str) -> Vec<Document> {
     out
 }
 
-fn str_at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v str> {
+pub(crate) fn str_at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v str> {
     let mut v = value;
     for key in path {
         v = v.get(key)?;

@@ -14,6 +14,7 @@
 pub mod kingress;
 pub mod model;
 pub mod reconcile;
+pub mod serving;
 pub mod validation;
 
 mod envoy;
