@@ -113,6 +113,56 @@ pub fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((rss_kb / 1024.0, ticks / 100.0))
 }
 
+/// The `knarr-queue-proxy` binary of this build, `<target>/<profile>/knarr-queue-proxy` (beside
+/// the running test's `deps/`). `cargo test -p knarr-tests` builds no other package's binaries,
+/// so the first call runs `cargo build -p knarr-queue-proxy` (a no-op when it is fresh); if that
+/// fails, an existing binary is used as it is, with a warning.
+pub fn queue_proxy_binary() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    static BINARY: std::sync::OnceLock<Result<std::path::PathBuf, String>> =
+        std::sync::OnceLock::new();
+    let found = BINARY.get_or_init(|| {
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        // <target>/<profile>/deps/<test> (or <target>/<profile>/<bin>).
+        let profile_dir = exe
+            .ancestors()
+            .skip(1)
+            .find(|d| d.file_name().is_some_and(|n| n != "deps"))
+            .ok_or_else(|| format!("no target directory above {}", exe.display()))?;
+        let binary = profile_dir.join("knarr-queue-proxy");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = std::process::Command::new(cargo);
+        build
+            .args(["build", "--quiet", "-p", "knarr-queue-proxy"])
+            .args(["--bin", "knarr-queue-proxy"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if let Some(target_dir) = profile_dir.parent() {
+            build.env("CARGO_TARGET_DIR", target_dir);
+        }
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        match build.status() {
+            Ok(status) if status.success() => {}
+            Ok(status) if !binary.exists() => {
+                return Err(format!("cargo build -p knarr-queue-proxy: {status}"))
+            }
+            Err(e) if !binary.exists() => {
+                return Err(format!("cannot run cargo build -p knarr-queue-proxy: {e}"))
+            }
+            outcome => eprintln!(
+                "queue_proxy_binary: building failed ({outcome:?}); using {} as it is",
+                binary.display()
+            ),
+        }
+        Ok(binary)
+    });
+    found
+        .clone()
+        .map_err(anyhow::Error::msg)
+        .context("finding the knarr-queue-proxy binary")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
