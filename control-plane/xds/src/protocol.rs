@@ -77,11 +77,27 @@ pub struct Output<R> {
 
 /// What the client holds of one resource, as far as this stream knows.
 #[derive(Debug, Clone)]
-struct Held {
-    version: String,
-    /// The body, where the stream sent it (SotW needs it to keep a cluster while deferring its
-    /// removal); `None` for versions the client reported on a delta reconnect.
-    resource: Option<Arc<Resource>>,
+enum Held {
+    /// Sent by this stream (SotW needs the body to keep a cluster while deferring its removal).
+    Sent(Arc<Resource>),
+    /// A version the client reported on a delta reconnect.
+    Reported(String),
+}
+
+impl Held {
+    fn version(&self) -> &str {
+        match self {
+            Held::Sent(r) => &r.version,
+            Held::Reported(v) => v,
+        }
+    }
+
+    fn resource(&self) -> Option<&Arc<Resource>> {
+        match self {
+            Held::Sent(r) => Some(r),
+            Held::Reported(_) => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -254,7 +270,7 @@ impl Streams {
             }
             if *defer.get_or_insert_with(|| self.defers_removal(ty, snap)) {
                 // Keep it with the client for now (SotW must resend its body to keep it).
-                if let Some(r) = &h.resource {
+                if let Some(r) = h.resource() {
                     kept.push(Arc::clone(r));
                 }
             } else {
@@ -266,9 +282,9 @@ impl Streams {
                 handle_gone(gone, h);
             }
             let unchanged = match held.next_if(|(k, _)| *k == *name) {
-                Some((_, h)) => match &h.resource {
+                Some((_, h)) => match h.resource() {
                     Some(r) if Arc::ptr_eq(r, resource) => true,
-                    _ => h.version == resource.version,
+                    _ => h.version() == resource.version,
                 },
                 None => false,
             };
@@ -402,14 +418,8 @@ impl Streams {
         let st = self.state_mut(ty);
         let mut changed_clusters = Vec::new();
         for r in &plan.upserts {
-            let previous = st.held.insert(
-                r.name.clone(),
-                Held {
-                    version: r.version.clone(),
-                    resource: Some(Arc::clone(r)),
-                },
-            );
-            if previous.map(|p| p.version) != Some(r.version.clone()) {
+            let previous = st.held.insert(r.name.clone(), Held::Sent(Arc::clone(r)));
+            if previous.as_ref().map(Held::version) != Some(r.version.as_str()) {
                 changed_clusters.push(r.name.clone());
             }
             st.force.remove(&r.name);
@@ -673,13 +683,8 @@ impl DeltaStream {
             st.wildcard = req.resource_names_subscribe.is_empty() && ty.is_wildcard_by_default();
             // What the client already holds from an earlier stream: not resent if unchanged.
             for (name, version) in &req.initial_resource_versions {
-                st.held.insert(
-                    name.clone(),
-                    Held {
-                        version: version.clone(),
-                        resource: None,
-                    },
-                );
+                st.held
+                    .insert(name.clone(), Held::Reported(version.clone()));
             }
         }
         for name in &req.resource_names_subscribe {

@@ -82,7 +82,13 @@ pub struct ClientStatus {
 }
 
 /// What one Envoy holds, per type: resource name → version it ACKed.
-type Holdings = [HashMap<String, String>; crate::resource::COUNT];
+/// Kept as hashes (name → version), not strings: this is per Envoy and per resource, and only
+/// ever compared.
+type Holdings = [HashMap<u64, u64>; crate::resource::COUNT];
+
+fn key_hash(s: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(s.as_bytes())
+}
 
 /// Connected Envoys, for status pages, readiness and tests.
 #[derive(Debug)]
@@ -141,8 +147,8 @@ impl Clients {
         &self,
         id: u64,
         ty: ResourceType,
-        accepted: Vec<(String, String)>,
-        removed: Vec<String>,
+        accepted: &[(String, String)],
+        removed: &[String],
         complete: bool,
     ) {
         let mut holdings = self.holdings.lock().unwrap();
@@ -150,9 +156,13 @@ impl Clients {
         if complete {
             held.clear();
         }
-        held.extend(accepted);
+        held.extend(
+            accepted
+                .iter()
+                .map(|(name, version)| (key_hash(name), key_hash(version))),
+        );
         for name in removed {
-            held.remove(&name);
+            held.remove(&key_hash(name));
         }
         drop(holdings);
         self.changed.send_modify(|g| *g += 1);
@@ -169,7 +179,7 @@ impl Clients {
         Some(connected.iter().all(|id| {
             holdings.get(id).is_some_and(|h| {
                 wanted.iter().all(|(ty, name, version)| {
-                    h[ty.index()].get(*name).map(String::as_str) == Some(*version)
+                    h[ty.index()].get(&key_hash(name)) == Some(&key_hash(version))
                 })
             })
         }))
