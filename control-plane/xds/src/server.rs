@@ -515,7 +515,7 @@ impl<P: Protocol> Connection<P> {
                     complete,
                 } => {
                     self.clients
-                        .record_ack(self.id, ty, accepted, removed, complete);
+                        .record_ack(self.id, ty, &accepted, &removed, complete);
                     debug!(node = %self.node_id, %ty, %version, "ACK");
                     if let Some(due) = self.in_flight.remove(&nonce) {
                         self.metrics
