@@ -41,18 +41,37 @@ pub struct ParseError {
 
 impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-        }
-        if let Some(object) = &self.object {
-            write!(f, ": {object}")?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, ": {field}")?;
-        }
-        write!(f, ": {}", self.reason)
+        write_error(
+            f,
+            &self.file,
+            self.line,
+            self.object.as_ref().map(|o| o as &dyn fmt::Display),
+            self.field.as_deref(),
+            &self.reason,
+        )
     }
+}
+
+/// The one shape of every source error: `file:line: Kind ns/name: field: reason`.
+pub(crate) fn write_error(
+    f: &mut fmt::Formatter<'_>,
+    file: &str,
+    line: Option<usize>,
+    object: Option<&dyn fmt::Display>,
+    field: Option<&str>,
+    reason: &str,
+) -> fmt::Result {
+    write!(f, "{file}")?;
+    if let Some(line) = line {
+        write!(f, ":{line}")?;
+    }
+    if let Some(object) = object {
+        write!(f, ": {object}")?;
+    }
+    if let Some(field) = field {
+        write!(f, ": {field}")?;
+    }
+    write!(f, ": {reason}")
 }
 
 impl std::error::Error for ParseError {}

@@ -1306,17 +1306,14 @@ pub struct ServingError {
 
 impl fmt::Display for ServingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-        }
-        if let Some(object) = &self.object {
-            write!(f, ": {object}")?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, ": {field}")?;
-        }
-        write!(f, ": {}", self.reason)
+        crate::parse::write_error(
+            f,
+            &self.file,
+            self.line,
+            self.object.as_ref().map(|o| o as &dyn fmt::Display),
+            self.field.as_deref(),
+            &self.reason,
+        )
     }
 }
 
