@@ -173,6 +173,12 @@ impl KFixture {
         })
     }
 
+    /// Applies a KIngress `name` whose `spec.rules` are `rules` (already indented).
+    pub async fn apply_rules(&mut self, name: &str, rules: &str) -> anyhow::Result<()> {
+        self.apply_yaml(&ingress(name, &format!("  rules:\n{rules}")))
+            .await
+    }
+
     /// Exposes a local backend as Service `name` (port named `port_name`) and routes the
     /// external `host` to it with a one-rule ingress of the same name.
     pub async fn expose(

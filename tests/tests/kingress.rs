@@ -74,17 +74,14 @@ async fn visibility_cluster_local_is_404_outside() {
     f.apply_yaml(&service_yaml("private", "http", up.addr()))
         .await
         .unwrap();
-    f.apply_yaml(&ingress(
+    f.apply_rules(
         "private",
-        &format!(
-            "  rules:\n{}",
-            simple_rule(
-                "private.default.svc.cluster.local",
-                "private",
-                "ClusterLocal"
-            )
+        &simple_rule(
+            "private.default.svc.cluster.local",
+            "private",
+            "ClusterLocal",
         ),
-    ))
+    )
     .await
     .unwrap();
     KFixture::wait_200(&f.internal, "private.default.svc.cluster.local", "/")
@@ -259,15 +256,9 @@ async fn headers_pre_and_post_split_are_set_over_client_values() {
             ("hdr-b", 50, "{x-post: from-b}"),
         ],
     )];
-    f.apply_yaml(&ingress(
-        "hdr",
-        &format!(
-            "  rules:\n{}",
-            rule("[hdr.example.com]", "ExternalIP", &paths)
-        ),
-    ))
-    .await
-    .unwrap();
+    f.apply_rules("hdr", &rule("[hdr.example.com]", "ExternalIP", &paths))
+        .await
+        .unwrap();
     KFixture::wait_200(&f.external, "hdr.example.com", "/")
         .await
         .unwrap();
@@ -390,15 +381,9 @@ async fn dispatch_by_path_with_fallback_and_percentage() {
         path_entry(None, "", "", &[("fallback", 100, "")]),
         path_entry(Some("/baz"), "", "", &[("baz", 100, "")]),
     ];
-    f.apply_yaml(&ingress(
-        "paths",
-        &format!(
-            "  rules:\n{}",
-            rule("[path.example.com]", "ExternalIP", &paths)
-        ),
-    ))
-    .await
-    .unwrap();
+    f.apply_rules("paths", &rule("[path.example.com]", "ExternalIP", &paths))
+        .await
+        .unwrap();
     assert_eq!(
         f.external
             .get("path.example.com", "/bar")
@@ -456,15 +441,9 @@ async fn tags_route_by_header() {
         ),
         path_entry(None, "", "", &[("tag-main", 100, "")]),
     ];
-    f.apply_yaml(&ingress(
-        "tags",
-        &format!(
-            "  rules:\n{}",
-            rule("[tags.example.com]", "ExternalIP", &paths)
-        ),
-    ))
-    .await
-    .unwrap();
+    f.apply_rules("tags", &rule("[tags.example.com]", "ExternalIP", &paths))
+        .await
+        .unwrap();
     assert_eq!(
         f.external.get("tags.example.com", "/").await.unwrap().body,
         "tag-main"

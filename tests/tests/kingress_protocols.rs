@@ -53,6 +53,42 @@ fn tls_spec(host: &str, secret: &str) -> String {
     format!("  tls:\n  - hosts: [{host}]\n    secretName: {secret}\n    secretNamespace: default\n")
 }
 
+/// Applies a TLS Secret for `leaf` and an ingress `name` serving `host` over TLS with
+/// `http_option` and `rules`, then waits until HTTPS answers 200. Returns the HTTPS address.
+async fn apply_tls_ingress(
+    f: &mut KFixture,
+    name: &str,
+    host: &str,
+    ca: &TestCa,
+    leaf: &LeafCert,
+    http_option: &str,
+    rules: &str,
+) -> SocketAddr {
+    let cert = format!("{name}-cert");
+    f.apply_yaml(&format!(
+        "{}\n---\n{}",
+        tls_secret_yaml(&cert, leaf),
+        ingress(
+            name,
+            &format!(
+                "  httpOption: {http_option}\n{}  rules:\n{rules}",
+                tls_spec(host, &cert)
+            ),
+        )
+    ))
+    .await
+    .unwrap();
+    let https = f.https_addr().await.unwrap();
+    poll_until("https to answer 200", WAIT, || async {
+        https_get(https, host, "/", ca.cert_pem())
+            .await
+            .is_ok_and(|r| r.reply.status == 200)
+    })
+    .await
+    .unwrap();
+    https
+}
+
 /// Polls until a request for `host` on `client` reaches a backend (its answer carries
 /// `x-upstream`). Sends a Knative probe (`K-Network-Probe: probe`), which `Upstream` answers
 /// without counting it as a request and `GrpcEcho` rejects with 415: either way it is not a real
@@ -175,13 +211,10 @@ async fn grpc_split_reaches_both_backends() {
     f.apply_yaml(&service_yaml("grpc-b", "http2", b.addr()))
         .await
         .unwrap();
-    f.apply_yaml(&ingress(
+    f.apply_rules(
         "grpc-split",
-        &format!(
-            "  rules:\n{}",
-            split_rule("grpc-split.example.com", "grpc-a", "grpc-b")
-        ),
-    ))
+        &split_rule("grpc-split.example.com", "grpc-a", "grpc-b"),
+    )
     .await
     .unwrap();
     wait_routed(&f.external, "grpc-split.example.com").await;
@@ -251,13 +284,10 @@ async fn websocket_split_reaches_both_backends() {
             .await
             .unwrap();
     }
-    f.apply_yaml(&ingress(
+    f.apply_rules(
         "ws-split",
-        &format!(
-            "  rules:\n{}",
-            split_rule("ws-split.example.com", "ws-a", "ws-b")
-        ),
-    ))
+        &split_rule("ws-split.example.com", "ws-a", "ws-b"),
+    )
     .await
     .unwrap();
     wait_ws_routed(f.external_addr, "ws-split.example.com").await;
@@ -450,29 +480,17 @@ async fn tls_serves_https_and_http_on_one_host() {
     f.apply_yaml(&service_yaml("other", "http", other.addr()))
         .await
         .unwrap();
-    f.apply_yaml(&format!(
-        "{}\n---\n{}",
-        tls_secret_yaml("secure-cert", &leaf),
-        ingress(
-            "secure",
-            &format!(
-                "  httpOption: Enabled\n{}  rules:\n{}{}",
-                tls_spec(host, "secure-cert"),
-                simple_rule(host, "secure", "ExternalIP"),
-                simple_rule("other.example.com", "other", "ExternalIP")
-            ),
-        )
-    ))
-    .await
-    .unwrap();
-    let https = f.https_addr().await.unwrap();
-    poll_until("https to answer 200", WAIT, || async {
-        https_get(https, host, "/", ca.cert_pem())
-            .await
-            .is_ok_and(|r| r.reply.status == 200)
-    })
-    .await
-    .unwrap();
+    let https = apply_tls_ingress(
+        &mut f,
+        "secure",
+        host,
+        &ca,
+        &leaf,
+        "Enabled",
+        &(simple_rule(host, "secure", "ExternalIP")
+            + &simple_rule("other.example.com", "other", "ExternalIP")),
+    )
+    .await;
 
     // HTTPS with SNI = host, over whichever protocol ALPN settles on.
     let got = https_get(https, host, "/", ca.cert_pem()).await.unwrap();
@@ -513,28 +531,16 @@ async fn httpoption_redirected_sends_plain_http_to_https() {
     f.apply_yaml(&service_yaml("redirect", "http", up.addr()))
         .await
         .unwrap();
-    f.apply_yaml(&format!(
-        "{}\n---\n{}",
-        tls_secret_yaml("redirect-cert", &leaf),
-        ingress(
-            "redirect",
-            &format!(
-                "  httpOption: Redirected\n{}  rules:\n{}",
-                tls_spec(host, "redirect-cert"),
-                simple_rule(host, "redirect", "ExternalIP")
-            ),
-        )
-    ))
-    .await
-    .unwrap();
-    let https = f.https_addr().await.unwrap();
-    poll_until("https to answer 200", WAIT, || async {
-        https_get(https, host, "/", ca.cert_pem())
-            .await
-            .is_ok_and(|r| r.reply.status == 200)
-    })
-    .await
-    .unwrap();
+    let https = apply_tls_ingress(
+        &mut f,
+        "redirect",
+        host,
+        &ca,
+        &leaf,
+        "Redirected",
+        &simple_rule(host, "redirect", "ExternalIP"),
+    )
+    .await;
     let requests = up.requests();
 
     // Plain HTTP on the external gateway: a redirect to https, and the backend is not bothered.
