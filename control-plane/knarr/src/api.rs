@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::admin::{reply, serve_http};
 use crate::ingress_controller::IngressController;
+use crate::serving_controller::ServingController;
 
 fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec_pretty(value) {
@@ -65,11 +66,15 @@ fn handle(controller: &IngressController, req: &Request<Incoming>) -> Response<F
     }
 }
 
+/// What the API reads (and, under `knarr up`, writes).
+#[derive(Clone)]
+pub struct ApiState {
+    pub ingress: Arc<IngressController>,
+    /// Present under `knarr up`: Knative Services, Configurations, Revisions, Routes, pods.
+    pub serving: Option<Arc<ServingController>>,
+}
+
 /// Serves the API until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    controller: Arc<IngressController>,
-    shutdown: watch::Receiver<bool>,
-) {
-    serve_http(listener, shutdown, move |req| handle(&controller, req)).await;
+pub async fn serve(listener: TcpListener, state: ApiState, shutdown: watch::Receiver<bool>) {
+    serve_http(listener, shutdown, move |req| handle(&state.ingress, req)).await;
 }

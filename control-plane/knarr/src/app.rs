@@ -137,8 +137,12 @@ impl ControlPlane {
                 shutdown_rx.clone(),
             ));
         }
+        let api = crate::api::ApiState {
+            ingress: controller,
+            serving: None,
+        };
         cp.tasks
-            .spawn(crate::api::serve(api_listener, controller, shutdown_rx));
+            .spawn(crate::api::serve(api_listener, api, shutdown_rx));
         cp.api_addr = Some(api_addr);
         info!(%api_addr, "status API serving");
         Ok(cp)

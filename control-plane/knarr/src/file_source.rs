@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use knarr_model::{parse_documents, Document, Object, ObjectKey};
+use knarr_model::serving::{parse_serving_documents, ServingDocument};
+use knarr_model::{parse_documents, Document, Kind, Object, ObjectKey, ParseError};
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
@@ -85,6 +86,8 @@ pub struct FileSource {
     dir_errors: BTreeSet<PathBuf>,
     /// Files found missing while they still had objects, and since when (see [`DELETE_GRACE`]).
     missing_since: BTreeMap<PathBuf, Instant>,
+    /// Also read `serving.knative.dev/v1` objects (`knarr up`); otherwise they are ignored.
+    serving: bool,
 }
 
 #[derive(Debug, Default)]
@@ -120,7 +123,16 @@ impl FileSource {
             applied: HashMap::new(),
             dir_errors: BTreeSet::new(),
             missing_since: BTreeMap::new(),
+            serving: false,
         }
+    }
+
+    /// Reads Knative Services, Configurations, Revisions and Routes too (validated as Knative's
+    /// webhook does), as [`Object::Serving`]; a container's relative or missing `workingDir`
+    /// becomes the manifest's directory (joined with it).
+    pub fn with_serving(mut self) -> Self {
+        self.serving = true;
+        self
     }
 
     /// Reads every file now. A missing directory or file is reported as an error.
@@ -388,7 +400,34 @@ impl FileSource {
         let mut errors = Vec::new();
         let mut failed = BTreeSet::new();
         let mut broken = false;
-        for document in parse_documents(&shown, text) {
+        let documents: Vec<Document> = if self.serving {
+            let base = path.parent().unwrap_or(Path::new("."));
+            parse_serving_documents(&shown, text)
+                .into_iter()
+                .map(|d| match d {
+                    ServingDocument::Object { mut object, line } => {
+                        crate::serving_controller::resolve_working_dirs(&mut object, base);
+                        Document::Object {
+                            object: Object::Serving(Box::new(object)),
+                            line,
+                        }
+                    }
+                    ServingDocument::Error(e) => Document::Error(ParseError {
+                        file: e.file,
+                        line: e.line,
+                        object: e
+                            .object
+                            .map(|k| ObjectKey::new(Kind::Serving(k.kind), &k.namespace, &k.name)),
+                        field: e.field,
+                        reason: e.reason,
+                    }),
+                    ServingDocument::Other(d) => d,
+                })
+                .collect()
+        } else {
+            parse_documents(&shown, text)
+        };
+        for document in documents {
             match document {
                 Document::Object { object, line } => {
                     let key = object.key();

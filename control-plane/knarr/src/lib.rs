@@ -9,6 +9,8 @@ pub mod file_source;
 pub mod ingress_controller;
 pub mod prober;
 pub mod routes_file;
+pub mod serving_controller;
 pub mod status;
+pub mod up;
 
 pub use app::{ControlPlane, ServeConfig};

@@ -101,6 +101,8 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run Knative Services on this machine: control plane, Envoy gateway and local pods.
+    Up(Box<knarr::up::UpArgs>),
     /// Run the control plane: the xDS (ADS) server Envoys connect to, fed by Knative objects.
     Serve(Box<ServeArgs>),
     /// Show objects and their status from a running `knarr serve`.
@@ -171,6 +173,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Up(args) => knarr::up::run(*args),
         Command::Serve(args) => {
             init_tracing();
             let config = match serve_config(*args) {

@@ -30,6 +30,8 @@ pub enum Kind {
     Endpoints,
     EndpointSlice,
     Secret,
+    /// A `serving.knative.dev/v1` kind (read only by `knarr up`).
+    Serving(serving::ServingKind),
 }
 
 impl Kind {
@@ -40,6 +42,7 @@ impl Kind {
             Kind::Endpoints => "Endpoints",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Secret => "Secret",
+            Kind::Serving(k) => k.as_str(),
         }
     }
 }
@@ -83,6 +86,8 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     /// A `kubernetes.io/tls` Secret, with its certificate and key decoded.
     TlsSecret(Secret, TlsKeyPair),
+    /// A Knative Service, Configuration, Revision or Route, defaulted and validated.
+    Serving(Box<serving::ServingObject>),
 }
 
 impl Object {
@@ -93,6 +98,7 @@ impl Object {
             Object::Endpoints(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::TlsSecret(o, _) => &o.metadata,
+            Object::Serving(o) => o.meta(),
         }
     }
 
@@ -103,6 +109,7 @@ impl Object {
             Object::Endpoints(_) => Kind::Endpoints,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::TlsSecret(..) => Kind::Secret,
+            Object::Serving(o) => Kind::Serving(o.kind()),
         }
     }
 

@@ -247,6 +247,8 @@ fn parse_document(file: &str, chunk_start: usize, doc: &str, out: &mut Vec<Docum
         Kind::Secret => {
             typed_from(tree, doc, s).map(|sec| Object::TlsSecret(sec, Default::default()))
         }
+        // Never chosen above: serving documents are read by `parse_serving_documents`.
+        Kind::Serving(k) => Err((None, format!("{k} is read by the serving parser"))),
     };
     let mut object = match parsed {
         Ok(o) => o,
@@ -281,6 +283,7 @@ fn set_namespace(object: &mut Object, namespace: &str) {
         Object::Endpoints(o) => &mut o.metadata,
         Object::EndpointSlice(o) => &mut o.metadata,
         Object::TlsSecret(o, _) => &mut o.metadata,
+        Object::Serving(o) => o.meta_mut(),
     };
     meta.namespace = namespace.to_owned();
 }

@@ -41,6 +41,8 @@ pub(crate) fn validate(object: &mut Object) -> Result<(), FieldError> {
             *pair = decode_tls(s)?;
             Ok(())
         }
+        // Validated by `serving::parse_serving_documents`, with Knative's own field paths.
+        Object::Serving(_) => Ok(()),
     }
 }
 

@@ -259,6 +259,9 @@ impl IngressIndex {
                             self.secrets.insert(ns_name(&key), pair.clone());
                             dirty_secrets.insert(ns_name(&key));
                         }
+                        // Knative Services and friends become KIngresses, Services and
+                        // Endpoints before they get here (`knarr up`'s serving controller).
+                        Object::Serving(_) => {}
                     }
                 }
                 Change::Delete(key) => match key.kind {
@@ -286,6 +289,7 @@ impl IngressIndex {
                         self.secrets.remove(&ns_name(&key));
                         dirty_secrets.insert(ns_name(&key));
                     }
+                    Kind::Serving(_) => {}
                 },
             }
         }
