@@ -3,11 +3,12 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -103,12 +104,61 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: watc
     serve_http(listener, shutdown, move |req| handle(&state, req)).await;
 }
 
-/// A small read-only HTTP server: `handler` answers each request; runs until `shutdown`.
-pub async fn serve_http<F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: F)
+/// A small HTTP server for requests without a body: `handler` answers each request; runs until
+/// `shutdown`.
+pub async fn serve_http<F>(listener: TcpListener, shutdown: watch::Receiver<bool>, handler: F)
 where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
+    serve_connections(listener, shutdown, move |req| {
+        std::future::ready(handler(&req))
+    })
+    .await;
+}
+
+/// Like [`serve_http`], for requests with a body: each body is read whole first (at most
+/// `limit` bytes; larger ones get 413 without reaching `handler`).
+pub async fn serve_http_with_body<F>(
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+    limit: usize,
+    handler: F,
+) where
+    F: Fn(&Request<Bytes>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
     let handler = Arc::new(handler);
+    serve_connections(listener, shutdown, move |req| {
+        let handler = handler.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            match Limited::new(body, limit).collect().await {
+                Ok(body) => handler(&Request::from_parts(parts, body.to_bytes())),
+                Err(e) if e.is::<LengthLimitError>() => reply(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "text/plain",
+                    format!("request body larger than {limit} bytes\n"),
+                ),
+                Err(e) => reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("cannot read the request body: {e}\n"),
+                ),
+            }
+        }
+    })
+    .await;
+}
+
+/// Accepts connections until `shutdown` and answers every request on them with `respond`.
+async fn serve_connections<F, R>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    respond: F,
+) where
+    F: Fn(Request<Incoming>) -> R + Send + Sync + 'static,
+    R: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let respond = Arc::new(respond);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -121,11 +171,11 @@ where
                 continue;
             }
         };
-        let handler = handler.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let resp = handler(&req);
-                async move { Ok::<_, Infallible>(resp) }
+                let resp = respond(req);
+                async move { Ok::<_, Infallible>(resp.await) }
             });
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -134,5 +184,45 @@ where
                 debug!(error = %e, "HTTP connection error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn post(addr: std::net::SocketAddr, body: &'static str) -> (StatusCode, Bytes) {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("/")
+            .header(http::header::HOST, addr.to_string())
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_whole_up_to_the_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve_http_with_body(listener, stopped, 8, |req| {
+            reply(StatusCode::OK, "text/plain", req.body().clone())
+        }));
+        assert_eq!(
+            post(addr, "12345678").await,
+            (StatusCode::OK, Bytes::from_static(b"12345678"))
+        );
+        assert_eq!(
+            post(addr, "123456789").await.0,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        stop.send(true).unwrap();
+        server.await.unwrap();
     }
 }
