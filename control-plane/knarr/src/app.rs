@@ -18,9 +18,13 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::file_source::FileSource;
+use crate::file_source::{Batch, Change};
 use crate::ingress_controller::IngressController;
 use crate::routes_file::Routes;
+use crate::serving_controller::ServingController;
 use crate::status::LoadBalancerNames;
+use knarr_model::Kind;
+use knarr_runtime::Runtime;
 
 /// Everything `knarr serve` needs, parsed and validated.
 #[derive(Debug, Clone)]
@@ -73,6 +77,8 @@ pub struct ControlPlane {
     pub clients: Arc<Clients>,
     pub metrics: Arc<XdsMetrics>,
     pub controller: Option<Arc<IngressController>>,
+    /// Knative Services (`knarr up`).
+    pub serving: Option<Arc<ServingController>>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -80,6 +86,23 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Loads the sources, binds every socket and starts serving and watching.
     pub async fn start(config: ServeConfig) -> anyhow::Result<ControlPlane> {
+        Self::start_sources(config, None).await
+    }
+
+    /// [`start`](Self::start), plus Knative Services: serving objects in the sources (and
+    /// applied through the API) run as revisions on `runtime`, routed under `domain`.
+    pub async fn start_with_services(
+        config: ServeConfig,
+        domain: &str,
+        runtime: Arc<dyn Runtime>,
+    ) -> anyhow::Result<ControlPlane> {
+        Self::start_sources(config, Some((domain, runtime))).await
+    }
+
+    async fn start_sources(
+        config: ServeConfig,
+        services: Option<(&str, Arc<dyn Runtime>)>,
+    ) -> anyhow::Result<ControlPlane> {
         for dir in &config.source_dirs {
             if !dir.is_dir() {
                 anyhow::bail!("--source file:{}: no such directory", dir.display());
@@ -110,9 +133,17 @@ impl ControlPlane {
         // Load everything before serving, so the first Envoy gets the whole config at once.
         let started = std::time::Instant::now();
         let mut source = FileSource::new(config.source_dirs.clone(), config.files.clone());
+        if services.is_some() {
+            source = source.with_serving();
+        }
+        let serving = services
+            .map(|(domain, runtime)| ServingController::new(domain, controller.clone(), runtime));
         let initial = source.load();
         crate::ingress_controller::log_load(&initial);
-        controller.apply(initial);
+        match &serving {
+            Some(serving) => apply_split(&controller, serving, initial),
+            None => controller.apply(initial),
+        }
         controller.publish();
         info!(
             ingresses = controller.ingress_count(),
@@ -127,8 +158,21 @@ impl ControlPlane {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let shutdown_rx = cp.shutdown.subscribe();
         cp.tasks.spawn(source.watch(tx, shutdown_rx.clone()));
-        cp.tasks
-            .spawn(controller.clone().run(rx, shutdown_rx.clone()));
+        match &serving {
+            Some(serving) => {
+                cp.tasks.spawn(split_batches(
+                    rx,
+                    controller.clone(),
+                    serving.clone(),
+                    shutdown_rx.clone(),
+                ));
+                cp.tasks.spawn(serving.clone().run(shutdown_rx.clone()));
+            }
+            None => {
+                cp.tasks
+                    .spawn(controller.clone().run(rx, shutdown_rx.clone()));
+            }
+        }
         if let Some(ports) = probe_ports {
             cp.tasks.spawn(crate::prober::run(
                 ports,
@@ -139,8 +183,9 @@ impl ControlPlane {
         }
         let api = crate::api::ApiState {
             ingress: controller,
-            serving: None,
+            serving: serving.clone(),
         };
+        cp.serving = serving;
         cp.tasks
             .spawn(crate::api::serve(api_listener, api, shutdown_rx));
         cp.api_addr = Some(api_addr);
@@ -209,6 +254,7 @@ impl ControlPlane {
             clients,
             metrics,
             controller,
+            serving: None,
             shutdown,
             tasks,
         })
@@ -232,5 +278,41 @@ impl ControlPlane {
     pub async fn abort(mut self) {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Hands a batch's serving objects to the serving controller and the rest (with every file
+/// error) to the ingress controller.
+fn apply_split(ingress: &IngressController, serving: &ServingController, mut batch: Batch) {
+    let (serving_changes, rest): (Vec<Change>, Vec<Change>) =
+        batch.changes.drain(..).partition(|change| {
+            let kind = match change {
+                Change::Upsert(object) => object.kind(),
+                Change::Delete(key) => key.kind,
+            };
+            matches!(kind, Kind::Serving(_))
+        });
+    batch.changes = rest;
+    ingress.apply(batch);
+    for refused in serving.apply_changes(serving_changes) {
+        warn!("{refused}");
+    }
+}
+
+/// The watch loop's consumer under `knarr up`: [`apply_split`] for every batch.
+async fn split_batches(
+    mut rx: tokio::sync::mpsc::Receiver<Batch>,
+    ingress: Arc<IngressController>,
+    serving: Arc<ServingController>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            batch = rx.recv() => match batch {
+                Some(batch) => apply_split(&ingress, &serving, batch),
+                None => return,
+            },
+            () = knarr_xds::server::stopped(&mut shutdown) => return,
+        }
     }
 }

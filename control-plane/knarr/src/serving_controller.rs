@@ -8,16 +8,37 @@
 //! stored; Revisions are the only derived objects that are kept (they are immutable, and their
 //! names are history).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use knarr_model::serving::{ServingKey, ServingKind, ServingObject};
-use knarr_runtime::Runtime;
+use knarr_model::serving::{
+    condition_status, parse_serving_documents, Condition, ConditionStatus, Configuration, Revision,
+    RevisionStatus, Route, RouteStatus, Service, ServingDocument, ServingKey, ServingKind,
+    ServingObject, CONDITION_READY, INITIAL_SCALE_ANNOTATION, MAX_SCALE_ANNOTATION,
+    MIN_SCALE_ANNOTATION, SERVICE_LABEL,
+};
+use knarr_model::{
+    Document, EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Ingress, IntOrString, Kind,
+    Object, ObjectKey, ObjectMeta, Service as K8sService, ServicePort, ServiceSpec,
+};
+use knarr_runtime::{Phase, PodStatus, RevisionRef, Runtime};
+use knarr_translate::serving::{
+    configuration_revision, configuration_status, latest_created_revision, route_status,
+    route_to_ingress, service_status, service_to_children, REVISION_H2C_PORT, REVISION_HTTP_PORT,
+};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
 
-use crate::file_source::Change;
+use crate::file_source::{Batch, Change};
 use crate::ingress_controller::IngressController;
+
+/// Revision conditions besides `Ready` (Knative's names).
+const CONDITION_ACTIVE: &str = "Active";
+const CONDITION_CONTAINER_HEALTHY: &str = "ContainerHealthy";
+const CONDITION_RESOURCES_AVAILABLE: &str = "ResourcesAvailable";
 
 /// What `knarr apply` did with one object, as kubectl says it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,12 +83,68 @@ pub struct ServiceSummary {
     pub traffic: Vec<(String, i64, String)>,
 }
 
+/// How long the controller waits between passes while something is still settling (a revision
+/// starting, Envoy not yet ACKing), and once everything is steady.
+const SETTLING_POLL: Duration = Duration::from_millis(100);
+const STEADY_POLL: Duration = Duration::from_secs(1);
+
+/// The queue-proxy ports a revision's Kubernetes Service targets (HTTP/1 and h2c); locally every
+/// pod serves both on its one serving port, which the Endpoints name.
+const QUEUE_HTTP_PORT: i64 = 8012;
+const QUEUE_H2C_PORT: i64 = 8013;
+/// Labels the revision's Kubernetes Service and Endpoints with their Revision.
+const REVISION_LABEL: &str = "serving.knative.dev/revision";
+
 /// See the module docs.
 pub struct ServingController {
     domain: String,
     ingress: Arc<IngressController>,
     runtime: Arc<dyn Runtime>,
+    state: Mutex<State>,
+    /// Wakes the loop after an apply or delete.
+    wake: Notify,
     changes: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    /// What users applied (files and `knarr apply`): Services, Configurations, Routes, with
+    /// the generation the store gave them (bumped when the spec changes).
+    applied: BTreeMap<ServingKey, ServingObject>,
+    /// Generations of the Configurations and Routes that Services own, with the spec each was
+    /// last given for.
+    child_generations: BTreeMap<ServingKey, (i64, serde_json::Value)>,
+    /// Every Revision stamped and not collected, by key. Immutable once stamped.
+    revisions: BTreeMap<ServingKey, Revision>,
+    /// Revisions that have had a ready pod: Knative keeps a Revision `Ready` once it has been.
+    ever_ready: BTreeSet<ServingKey>,
+    /// Replicas last asked of the runtime, per revision.
+    scaled: BTreeMap<ServingKey, usize>,
+    /// Why a revision cannot run here (the runtime refused it).
+    cannot_run: BTreeMap<ServingKey, String>,
+    /// The KIngress last made from each Route; kept while the Route's traffic cannot be
+    /// resolved (last good config wins).
+    ingresses: BTreeMap<ServingKey, Ingress>,
+    /// The KIngress of each Route that the gateway has been seen serving: it stays ready while
+    /// only its backends' endpoints change.
+    ingress_ready: BTreeMap<ServingKey, Ingress>,
+    /// What the ingress controller was given.
+    published: BTreeMap<ObjectKey, Arc<Object>>,
+    /// Applied objects the last pass could not use (a Configuration or Route that clashes with
+    /// a Service's own), by key.
+    conflicts: BTreeMap<ServingKey, String>,
+    /// What the last pass computed: every object with its status.
+    view: View,
+}
+
+#[derive(Default, Clone, PartialEq)]
+struct View {
+    services: Vec<Service>,
+    configurations: Vec<Configuration>,
+    revisions: Vec<Revision>,
+    routes: Vec<Route>,
+    /// Pods per revision key.
+    pods: BTreeMap<ServingKey, Vec<PodStatus>>,
 }
 
 impl ServingController {
@@ -80,51 +157,870 @@ impl ServingController {
             domain: domain.into(),
             ingress,
             runtime,
+            state: Mutex::default(),
+            wake: Notify::new(),
             changes: watch::Sender::new(0),
         })
     }
 
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Changes read from watched files (only `Object::Serving` upserts and `Kind::Serving`
-    /// deletes; others are ignored).
-    pub fn apply_changes(&self, _changes: Vec<Change>) {}
+    /// deletes; others are ignored). Returns the objects refused, as messages (an update that
+    /// Knative's webhook would refuse keeps the previous version).
+    pub fn apply_changes(&self, changes: Vec<Change>) -> Vec<String> {
+        let mut refused = Vec::new();
+        {
+            let mut state = self.lock();
+            for change in changes {
+                match change {
+                    Change::Upsert(object) => {
+                        if let Object::Serving(object) = &*object {
+                            if let Err(e) = state.upsert((**object).clone()) {
+                                refused.push(e);
+                            }
+                        }
+                    }
+                    Change::Delete(key) => {
+                        if let Kind::Serving(kind) = key.kind {
+                            state
+                                .applied
+                                .remove(&ServingKey::new(kind, &key.namespace, &key.name));
+                        }
+                    }
+                }
+            }
+        }
+        self.wake.notify_one();
+        refused
+    }
 
     /// `knarr apply`: every serving document of `text` (named `file` in errors), all or none.
     /// Relative or missing `workingDir`s are resolved against `base_dir`. Errors are complete
     /// messages (`file:line: Service default/hello: spec.template...: reason`).
     pub fn apply_manifest(
         &self,
-        _file: &str,
-        _text: &str,
-        _base_dir: Option<&Path>,
+        file: &str,
+        text: &str,
+        base_dir: Option<&Path>,
     ) -> Result<Vec<Applied>, Vec<String>> {
-        Ok(Vec::new())
+        let mut objects = Vec::new();
+        let mut errors = Vec::new();
+        for document in parse_serving_documents(file, text) {
+            match document {
+                ServingDocument::Object { mut object, line } => {
+                    if let Some(base) = base_dir {
+                        resolve_working_dirs(&mut object, base);
+                    }
+                    objects.push((object, line));
+                }
+                ServingDocument::Error(e) => errors.push(e.to_string()),
+                ServingDocument::Other(Document::Object { object, line }) => errors.push(format!(
+                    "{file}:{line}: {}: knarr apply takes Knative Services, Configurations and \
+                     Routes (serving.knative.dev/v1); put other objects in a folder `knarr up` watches",
+                    object.key()
+                )),
+                ServingDocument::Other(Document::Foreign {
+                    api_version,
+                    kind,
+                    line,
+                    ..
+                }) => errors.push(format!(
+                    "{file}:{line}: {kind} ({api_version}) is not something knarr apply knows; \
+                     it takes serving.knative.dev/v1 Services, Configurations and Routes"
+                )),
+                ServingDocument::Other(Document::Error(e)) => errors.push(e.to_string()),
+                ServingDocument::Other(Document::Untyped { line, .. }) => errors.push(format!(
+                    "{file}:{line}: the document has no apiVersion and kind"
+                )),
+            }
+        }
+        if objects.is_empty() && errors.is_empty() {
+            errors.push(format!("{file}: no objects in it"));
+        }
+        let mut state = self.lock();
+        // Check everything first: all or none.
+        let mut seen = BTreeSet::new();
+        for (object, line) in &objects {
+            let key = object.key();
+            if !seen.insert(key.clone()) {
+                errors.push(format!("{file}:{line}: {key}: defined twice"));
+            }
+            if let Err(e) = state.check(object) {
+                errors.push(format!("{file}:{line}: {e}"));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut applied = Vec::new();
+        for (object, _) in objects {
+            let key = object.key();
+            let outcome = match state.applied.get(&key) {
+                None => "created",
+                Some(old) if same_content(old, &object) => "unchanged",
+                Some(_) => "configured",
+            };
+            // Checked above, under the same lock.
+            let _ = state.upsert(object);
+            applied.push(Applied {
+                kind: key.kind.as_str().to_owned(),
+                namespace: key.namespace,
+                name: key.name,
+                outcome,
+            });
+        }
+        drop(state);
+        self.wake.notify_one();
+        Ok(applied)
     }
 
     /// Deletes an object users applied. `Err` says why not (not found; owned by a Service).
     pub fn delete(&self, key: &ServingKey) -> Result<(), DeleteError> {
-        Err(DeleteError::NotFound(key.clone()))
+        let mut state = self.lock();
+        if state.applied.remove(key).is_some() {
+            drop(state);
+            self.wake.notify_one();
+            return Ok(());
+        }
+        let owner = match key.kind {
+            ServingKind::Configuration => state
+                .view
+                .configurations
+                .iter()
+                .find(|c| c.metadata.namespace == key.namespace && c.metadata.name == key.name)
+                .and_then(|c| c.metadata.labels.get(SERVICE_LABEL).cloned()),
+            ServingKind::Route => state
+                .view
+                .routes
+                .iter()
+                .find(|r| r.metadata.namespace == key.namespace && r.metadata.name == key.name)
+                .and_then(|r| r.metadata.labels.get(SERVICE_LABEL).cloned()),
+            ServingKind::Revision => state
+                .revisions
+                .get(key)
+                .and_then(|r| r.configuration().map(|c| format!("configuration {c}"))),
+            ServingKind::Service => None,
+        };
+        match owner {
+            Some(owner) => Err(DeleteError::Owned(key.clone(), owner)),
+            None => Err(DeleteError::NotFound(key.clone())),
+        }
     }
 
     /// Every object of `kind` as a manifest with its status, sorted by namespace and name.
-    pub fn list(&self, _kind: ServingKind) -> Vec<serde_json::Value> {
-        Vec::new()
+    pub fn list(&self, kind: ServingKind) -> Vec<serde_json::Value> {
+        let state = self.lock();
+        let view = &state.view;
+        let objects: Vec<ServingObject> = match kind {
+            ServingKind::Service => view
+                .services
+                .iter()
+                .cloned()
+                .map(ServingObject::Service)
+                .collect(),
+            ServingKind::Configuration => view
+                .configurations
+                .iter()
+                .cloned()
+                .map(ServingObject::Configuration)
+                .collect(),
+            ServingKind::Revision => view
+                .revisions
+                .iter()
+                .cloned()
+                .map(ServingObject::Revision)
+                .collect(),
+            ServingKind::Route => view
+                .routes
+                .iter()
+                .cloned()
+                .map(ServingObject::Route)
+                .collect(),
+        };
+        objects.iter().map(ServingObject::manifest).collect()
     }
 
     /// The pods of a Service (all its revisions), Configuration or Revision named `name`
     /// (tried in that order); `None` when there is no such object.
-    pub fn pods(&self, _namespace: &str, _name: &str) -> Option<Vec<PodInfo>> {
-        None
+    pub fn pods(&self, namespace: &str, name: &str) -> Option<Vec<PodInfo>> {
+        let state = self.lock();
+        let view = &state.view;
+        let in_ns = |m: &ObjectMeta| m.namespace == namespace;
+        let revisions: Vec<&Revision> = if view
+            .services
+            .iter()
+            .any(|s| in_ns(&s.metadata) && s.metadata.name == name)
+        {
+            view.revisions
+                .iter()
+                .filter(|r| {
+                    in_ns(&r.metadata)
+                        && r.metadata.labels.get(SERVICE_LABEL).map(String::as_str) == Some(name)
+                })
+                .collect()
+        } else if view
+            .configurations
+            .iter()
+            .any(|c| in_ns(&c.metadata) && c.metadata.name == name)
+        {
+            view.revisions
+                .iter()
+                .filter(|r| in_ns(&r.metadata) && r.configuration() == Some(name))
+                .collect()
+        } else {
+            let found: Vec<&Revision> = view
+                .revisions
+                .iter()
+                .filter(|r| in_ns(&r.metadata) && r.metadata.name == name)
+                .collect();
+            if found.is_empty() {
+                return None;
+            }
+            found
+        };
+        let mut out = Vec::new();
+        for revision in revisions {
+            let key = revision_key(revision);
+            for pod in view.pods.get(&key).into_iter().flatten() {
+                out.push(PodInfo {
+                    namespace: key.namespace.clone(),
+                    revision: key.name.clone(),
+                    name: pod.name.clone(),
+                    phase: pod.phase.to_string(),
+                    address: pod.address.to_string(),
+                    restarts: pod.restarts,
+                    last_error: pod.last_error.clone(),
+                    log_path: pod.log_path.display().to_string(),
+                });
+            }
+        }
+        Some(out)
     }
 
     /// One summary per Knative Service, sorted.
     pub fn summaries(&self) -> Vec<ServiceSummary> {
-        Vec::new()
+        let state = self.lock();
+        let view = &state.view;
+        view.services
+            .iter()
+            .map(|service| {
+                let status = service.status.clone().unwrap_or_default();
+                let ready = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == CONDITION_READY);
+                let ready = match ready {
+                    Some(c) if c.status == ConditionStatus::True => "Ready".to_owned(),
+                    Some(c) if !c.message.is_empty() => c.message.clone(),
+                    Some(c) if !c.reason.is_empty() => c.reason.clone(),
+                    _ => "NotReady".to_owned(),
+                };
+                let mut revisions: Vec<(String, usize, usize)> = view
+                    .revisions
+                    .iter()
+                    .filter(|r| {
+                        r.metadata.namespace == service.metadata.namespace
+                            && r.metadata.labels.get(SERVICE_LABEL) == Some(&service.metadata.name)
+                    })
+                    .filter_map(|r| {
+                        let pods = view.pods.get(&revision_key(r))?;
+                        let live: Vec<&PodStatus> = pods
+                            .iter()
+                            .filter(|p| p.phase != Phase::Terminating)
+                            .collect();
+                        if live.is_empty() {
+                            return None;
+                        }
+                        let ready = live.iter().filter(|p| p.phase == Phase::Ready).count();
+                        Some((r.metadata.name.clone(), ready, live.len()))
+                    })
+                    .collect();
+                revisions.reverse();
+                ServiceSummary {
+                    namespace: service.metadata.namespace.clone(),
+                    name: service.metadata.name.clone(),
+                    url: status.url.clone(),
+                    ready,
+                    revisions,
+                    traffic: status
+                        .traffic
+                        .iter()
+                        .map(|t| {
+                            (
+                                t.revision_name.clone(),
+                                t.percent.unwrap_or(0),
+                                t.tag.clone(),
+                            )
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
     /// Bumped whenever any status changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
+
+    /// Reconciles on every change (applies, pods, the gateway's ACKs) until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut pods = self.runtime.subscribe();
+        loop {
+            let settled = self.reconcile();
+            let poll = if settled { STEADY_POLL } else { SETTLING_POLL };
+            tokio::select! {
+                () = self.wake.notified() => {}
+                changed = pods.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(poll) => {}
+                () = knarr_xds::server::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// One pass; returns whether everything is settled (every revision that should run is
+    /// ready, every ingress is ready).
+    pub fn reconcile(&self) -> bool {
+        let mut state = self.lock();
+        let state = &mut *state;
+
+        // Configurations and Routes: the ones applied, and the ones Services own.
+        let mut configs: BTreeMap<ServingKey, Configuration> = BTreeMap::new();
+        let mut routes: BTreeMap<ServingKey, Route> = BTreeMap::new();
+        let mut services: Vec<Service> = Vec::new();
+        for object in state.applied.values() {
+            match object {
+                ServingObject::Configuration(c) => {
+                    configs.insert(key_of(ServingKind::Configuration, &c.metadata), c.clone());
+                }
+                ServingObject::Route(r) => {
+                    routes.insert(key_of(ServingKind::Route, &r.metadata), r.clone());
+                }
+                ServingObject::Service(s) => services.push(s.clone()),
+                ServingObject::Revision(_) => {}
+            }
+        }
+        state.conflicts.clear();
+        let mut live_children = BTreeSet::new();
+        for service in &services {
+            let (mut config, mut route) = service_to_children(service);
+            let config_key = key_of(ServingKind::Configuration, &config.metadata);
+            let route_key = key_of(ServingKind::Route, &route.metadata);
+            config.metadata.generation = Some(state.child_generation(&config_key, &config.spec));
+            route.metadata.generation = Some(state.child_generation(&route_key, &route.spec));
+            for key in [&config_key, &route_key] {
+                if state.applied.contains_key(key) {
+                    state.conflicts.insert(
+                        key.clone(),
+                        format!(
+                            "{key} is not owned by Service {}; the Service's own is used",
+                            service.metadata.name
+                        ),
+                    );
+                }
+            }
+            live_children.insert(config_key.clone());
+            live_children.insert(route_key.clone());
+            configs.insert(config_key, config);
+            routes.insert(route_key, route);
+        }
+        state
+            .child_generations
+            .retain(|k, _| live_children.contains(k));
+
+        // Revisions: a new one for every changed template; the ones whose Configuration is
+        // gone are collected (their pods stopped).
+        for config in configs.values() {
+            let existing: Vec<Revision> = state.revisions.values().cloned().collect();
+            if let Some(revision) = configuration_revision(config, &existing) {
+                info!(revision = %revision.metadata.name, namespace = %revision.metadata.namespace, "revision created");
+                state.revisions.insert(revision_key(&revision), revision);
+            }
+        }
+        let orphaned: Vec<ServingKey> = state
+            .revisions
+            .iter()
+            .filter(|(_, r)| {
+                let config = r.configuration().unwrap_or_default();
+                !configs.contains_key(&ServingKey::new(
+                    ServingKind::Configuration,
+                    &r.metadata.namespace,
+                    config,
+                ))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in orphaned {
+            if let Some(revision) = state.revisions.remove(&key) {
+                info!(revision = %key.name, namespace = %key.namespace, "revision deleted");
+                let _ = self
+                    .runtime
+                    .scale(&RevisionRef::from_revision(&revision), 0);
+            }
+            state.scaled.remove(&key);
+            state.cannot_run.remove(&key);
+            state.ever_ready.remove(&key);
+        }
+
+        // Pods and readiness.
+        let mut pods: BTreeMap<ServingKey, Vec<PodStatus>> = BTreeMap::new();
+        for key in state.revisions.keys() {
+            let list = self
+                .runtime
+                .pods(&format!("{}/{}", key.namespace, key.name));
+            if list.iter().any(|p| p.phase == Phase::Ready) {
+                state.ever_ready.insert(key.clone());
+            }
+            pods.insert(key.clone(), list);
+        }
+        let mut revisions: Vec<Revision> = state.revisions.values().cloned().collect();
+        for revision in &mut revisions {
+            let key = revision_key(revision);
+            revision.status = Some(revision_status(
+                revision,
+                pods.get(&key).map(Vec::as_slice).unwrap_or_default(),
+                state.ever_ready.contains(&key),
+                state.scaled.get(&key).copied(),
+                state.cannot_run.get(&key).map(String::as_str),
+            ));
+        }
+        let ready = ready_by_namespace(&state.ever_ready, &state.cannot_run);
+        let none = BTreeSet::new();
+        let ready_in = |ns: &str| ready.get(ns).unwrap_or(&none);
+        for config in configs.values_mut() {
+            config.status = Some(configuration_status(
+                config,
+                &revisions,
+                ready_in(&config.metadata.namespace),
+            ));
+        }
+        let config_list: Vec<Configuration> = configs.values().cloned().collect();
+
+        // Routes → KIngresses (the last good one stays while traffic cannot be resolved).
+        state.ingresses.retain(|k, _| routes.contains_key(k));
+        for (key, route) in &routes {
+            match route_to_ingress(route, &revisions, &config_list, &self.domain) {
+                Ok(ingress) => {
+                    state.ingresses.insert(key.clone(), ingress);
+                }
+                Err(e) => debug!(route = %key, error = %e, "route traffic cannot be resolved"),
+            }
+        }
+
+        // Scale: the revisions the gateway routes to, and each Configuration's latest (so it can
+        // become ready); every other revision has no pods.
+        let mut wanted: BTreeSet<ServingKey> = BTreeSet::new();
+        for ingress in state.ingresses.values() {
+            for rule in &ingress.spec.rules {
+                for path in rule.http.iter().flat_map(|h| &h.paths) {
+                    for split in &path.splits {
+                        wanted.insert(ServingKey::new(
+                            ServingKind::Revision,
+                            &split.service_namespace,
+                            &split.service_name,
+                        ));
+                    }
+                }
+            }
+        }
+        for config in configs.values() {
+            if let Some(latest) = latest_created_revision(config, &revisions) {
+                wanted.insert(revision_key(latest));
+            }
+        }
+        for revision in &revisions {
+            let key = revision_key(revision);
+            let replicas = if wanted.contains(&key) {
+                initial_scale(revision)
+            } else {
+                0
+            };
+            if state.scaled.get(&key) == Some(&replicas) {
+                continue;
+            }
+            match self
+                .runtime
+                .scale(&RevisionRef::from_revision(revision), replicas)
+            {
+                Ok(()) => {
+                    info!(revision = %key.name, namespace = %key.namespace, replicas, "scaled");
+                    state.scaled.insert(key.clone(), replicas);
+                    state.cannot_run.remove(&key);
+                }
+                Err(e) => {
+                    if state
+                        .cannot_run
+                        .insert(key.clone(), e.to_string())
+                        .is_none()
+                    {
+                        warn!(error = %e, "revision cannot run");
+                    }
+                }
+            }
+        }
+
+        // What the gateway needs: each revision's Service and Endpoints (its ready pods), and
+        // each Route's KIngress.
+        let mut desired: BTreeMap<ObjectKey, Arc<Object>> = BTreeMap::new();
+        for revision in &revisions {
+            let key = revision_key(revision);
+            let list = pods.get(&key).map(Vec::as_slice).unwrap_or_default();
+            for object in revision_backend(revision, list) {
+                desired.insert(object.key(), Arc::new(object));
+            }
+        }
+        for ingress in state.ingresses.values() {
+            let object = Object::Ingress(ingress.clone());
+            desired.insert(object.key(), Arc::new(object));
+        }
+        let mut changes = Vec::new();
+        for key in state.published.keys() {
+            if !desired.contains_key(key) {
+                changes.push(Change::Delete(key.clone()));
+            }
+        }
+        for (key, object) in &desired {
+            if state.published.get(key) != Some(object) {
+                changes.push(Change::Upsert(object.clone()));
+            }
+        }
+        if !changes.is_empty() {
+            self.ingress.apply(Batch {
+                changes,
+                ..Default::default()
+            });
+            state.published = desired;
+        }
+
+        // Statuses.
+        let reports = self.ingress.reports();
+        state
+            .ingress_ready
+            .retain(|k, ready| state.ingresses.get(k) == Some(ready));
+        for (key, ingress) in &state.ingresses {
+            let served = reports.iter().any(|r| {
+                r.metadata.namespace == key.namespace && r.metadata.name == key.name && r.is_ready()
+            });
+            if served {
+                state.ingress_ready.insert(key.clone(), ingress.clone());
+            }
+        }
+        let ingress_ready = |key: &ServingKey| state.ingress_ready.contains_key(key);
+        let mut route_statuses: BTreeMap<ServingKey, RouteStatus> = BTreeMap::new();
+        for (key, route) in routes.iter_mut() {
+            let status = route_status(
+                route,
+                &revisions,
+                &config_list,
+                ready_in(&route.metadata.namespace),
+                ingress_ready(key),
+                &self.domain,
+            );
+            route_statuses.insert(key.clone(), status.clone());
+            route.status = Some(status);
+        }
+        for service in &mut services {
+            let config_key = key_of(ServingKind::Configuration, &service.metadata);
+            let route_key = key_of(ServingKind::Route, &service.metadata);
+            let c_status = configs
+                .get(&config_key)
+                .and_then(|c| c.status.clone())
+                .unwrap_or_default();
+            let r_status = route_statuses.get(&route_key).cloned().unwrap_or_default();
+            service.status = Some(service_status(service, &c_status, &r_status));
+        }
+
+        let settled = revisions.iter().all(|r| {
+            let key = revision_key(r);
+            state.scaled.get(&key).copied().unwrap_or(0) == 0
+                || pods
+                    .get(&key)
+                    .is_some_and(|p| p.iter().any(|p| p.phase == Phase::Ready))
+        }) && routes.values().all(|r| {
+            r.status.as_ref().is_some_and(|s| {
+                condition_status(&s.conditions, CONDITION_READY) == ConditionStatus::True
+            })
+        });
+
+        let view = View {
+            services,
+            configurations: config_list,
+            revisions,
+            routes: routes.into_values().collect(),
+            pods,
+        };
+        if view != state.view {
+            state.view = view;
+            self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        settled
+    }
+}
+
+impl State {
+    /// Whether `object` may replace what is applied under its key (Knative's update checks).
+    fn check(&self, object: &ServingObject) -> Result<(), String> {
+        let key = object.key();
+        let errors = match (object, self.applied.get(&key)) {
+            (ServingObject::Revision(_), _) => {
+                return Err(format!(
+                    "{key}: Revisions are stamped from a Configuration's template; apply a Service or a Configuration instead"
+                ))
+            }
+            (ServingObject::Service(new), Some(ServingObject::Service(old))) => new.validate_update(old),
+            (ServingObject::Configuration(new), Some(ServingObject::Configuration(old))) => {
+                new.validate_update(old)
+            }
+            _ => Vec::new(),
+        };
+        match errors.first() {
+            Some(e) => Err(format!("{key}: {}: {}", e.field, e.reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Stores `object` (after [`State::check`]), bumping its generation when its spec changed.
+    fn upsert(&mut self, mut object: ServingObject) -> Result<(), String> {
+        self.check(&object)?;
+        let key = object.key();
+        let generation = match self.applied.get(&key) {
+            Some(old) if spec_of(old) == spec_of(&object) => old.meta().generation.unwrap_or(1),
+            Some(old) => old.meta().generation.unwrap_or(1) + 1,
+            None => 1,
+        };
+        object.meta_mut().generation = Some(generation);
+        self.applied.insert(key, object);
+        Ok(())
+    }
+
+    /// The generation of a Service's child: bumped when its spec changes.
+    fn child_generation<T: Serialize>(&mut self, key: &ServingKey, spec: &T) -> i64 {
+        let spec = serde_json::to_value(spec).unwrap_or_default();
+        let entry = self
+            .child_generations
+            .entry(key.clone())
+            .or_insert((0, serde_json::Value::Null));
+        if entry.1 != spec {
+            entry.0 += 1;
+            entry.1 = spec;
+        }
+        entry.0
+    }
+}
+
+fn key_of(kind: ServingKind, meta: &ObjectMeta) -> ServingKey {
+    ServingKey::new(kind, &meta.namespace, &meta.name)
+}
+
+fn revision_key(revision: &Revision) -> ServingKey {
+    key_of(ServingKind::Revision, &revision.metadata)
+}
+
+/// The spec of an object, for generation bumps.
+fn spec_of(object: &ServingObject) -> serde_json::Value {
+    object.manifest()["spec"].take()
+}
+
+/// The same object but for the generation the store gives it.
+fn same_content(stored: &ServingObject, new: &ServingObject) -> bool {
+    let mut stored = stored.clone();
+    stored.meta_mut().generation = new.meta().generation;
+    stored == *new
+}
+
+/// Ready revision names per namespace (what the pure reconcilers take).
+fn ready_by_namespace(
+    ever_ready: &BTreeSet<ServingKey>,
+    cannot_run: &BTreeMap<ServingKey, String>,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for key in ever_ready.iter().filter(|k| !cannot_run.contains_key(*k)) {
+        out.entry(key.namespace.clone())
+            .or_default()
+            .insert(key.name.clone());
+    }
+    out
+}
+
+/// How many pods a revision runs until autoscaling exists: `initial-scale` (default 1), at
+/// least `min-scale`, at most `max-scale` (0 = unbounded).
+fn initial_scale(revision: &Revision) -> usize {
+    let annotation = |key: &str| {
+        revision
+            .metadata
+            .annotations
+            .get(key)
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let mut replicas = annotation(INITIAL_SCALE_ANNOTATION)
+        .unwrap_or(1)
+        .max(annotation(MIN_SCALE_ANNOTATION).unwrap_or(0));
+    if let Some(max) = annotation(MAX_SCALE_ANNOTATION).filter(|m| *m > 0) {
+        replicas = replicas.min(max);
+    }
+    replicas
+}
+
+/// A Revision's status from its pods: `Ready` once a pod has been ready (and while nothing says
+/// it cannot run), `False` when it cannot run or its pods crash before ever being ready.
+fn revision_status(
+    revision: &Revision,
+    pods: &[PodStatus],
+    ever_ready: bool,
+    desired: Option<usize>,
+    cannot_run: Option<&str>,
+) -> RevisionStatus {
+    let live: Vec<&PodStatus> = pods
+        .iter()
+        .filter(|p| p.phase != Phase::Terminating)
+        .collect();
+    let ready_pods = live.iter().filter(|p| p.phase == Phase::Ready).count();
+    let crashed = live.iter().find_map(|p| p.last_error.as_deref());
+    let (resources, health) = if let Some(why) = cannot_run {
+        (
+            Condition::new(
+                CONDITION_RESOURCES_AVAILABLE,
+                ConditionStatus::False,
+                "CannotRun",
+                why,
+            ),
+            Condition::new(
+                CONDITION_CONTAINER_HEALTHY,
+                ConditionStatus::Unknown,
+                "",
+                "",
+            ),
+        )
+    } else if ever_ready {
+        (
+            Condition::new(CONDITION_RESOURCES_AVAILABLE, ConditionStatus::True, "", ""),
+            Condition::new(CONDITION_CONTAINER_HEALTHY, ConditionStatus::True, "", ""),
+        )
+    } else if let Some(why) = crashed {
+        (
+            Condition::new(
+                CONDITION_RESOURCES_AVAILABLE,
+                ConditionStatus::Unknown,
+                "Deploying",
+                "",
+            ),
+            Condition::new(
+                CONDITION_CONTAINER_HEALTHY,
+                ConditionStatus::False,
+                "ExitCode",
+                why,
+            ),
+        )
+    } else {
+        (
+            Condition::new(
+                CONDITION_RESOURCES_AVAILABLE,
+                ConditionStatus::Unknown,
+                "Deploying",
+                "",
+            ),
+            Condition::new(
+                CONDITION_CONTAINER_HEALTHY,
+                ConditionStatus::Unknown,
+                "Deploying",
+                "",
+            ),
+        )
+    };
+    let active = match (ready_pods, desired.unwrap_or(0)) {
+        (0, 0) => Condition::new(
+            CONDITION_ACTIVE,
+            ConditionStatus::False,
+            "NoTraffic",
+            "The revision has no pods: nothing routes to it.",
+        ),
+        (0, _) => Condition::new(
+            CONDITION_ACTIVE,
+            ConditionStatus::Unknown,
+            "Activating",
+            "Waiting for a pod to be ready.",
+        ),
+        _ => Condition::new(CONDITION_ACTIVE, ConditionStatus::True, "", ""),
+    };
+    let ready = [&resources, &health]
+        .into_iter()
+        .find(|c| c.status == ConditionStatus::False)
+        .or_else(|| {
+            [&resources, &health]
+                .into_iter()
+                .find(|c| c.status == ConditionStatus::Unknown)
+        })
+        .map_or_else(
+            || Condition::new(CONDITION_READY, ConditionStatus::True, "", ""),
+            |c| Condition::new(CONDITION_READY, c.status, &c.reason, &c.message),
+        );
+    RevisionStatus {
+        observed_generation: revision.metadata.generation,
+        conditions: vec![active, health, ready, resources],
+        actual_replicas: Some(ready_pods as i64),
+        desired_replicas: desired.map(|d| d as i64),
+    }
+}
+
+/// The Kubernetes Service and Endpoints a revision's KIngress splits point at: ports 80 (HTTP)
+/// and 81 (h2c) to the queue-proxy, and one endpoint per ready pod.
+fn revision_backend(revision: &Revision, pods: &[PodStatus]) -> [Object; 2] {
+    let meta = ObjectMeta {
+        name: revision.metadata.name.clone(),
+        namespace: revision.metadata.namespace.clone(),
+        labels: BTreeMap::from([(REVISION_LABEL.to_owned(), revision.metadata.name.clone())]),
+        ..Default::default()
+    };
+    let port = |name: &str, port: i64, target: i64, app_protocol: &str| ServicePort {
+        name: name.to_owned(),
+        port,
+        target_port: Some(IntOrString::Int(target)),
+        protocol: "TCP".to_owned(),
+        app_protocol: app_protocol.to_owned(),
+    };
+    let service = K8sService {
+        metadata: meta.clone(),
+        spec: ServiceSpec {
+            ports: vec![
+                port("http", REVISION_HTTP_PORT, QUEUE_HTTP_PORT, ""),
+                port(
+                    "http2",
+                    REVISION_H2C_PORT,
+                    QUEUE_H2C_PORT,
+                    "kubernetes.io/h2c",
+                ),
+            ],
+            ..Default::default()
+        },
+    };
+    let subsets = pods
+        .iter()
+        .filter(|p| p.phase == Phase::Ready)
+        .map(|p| EndpointSubset {
+            addresses: vec![EndpointAddress {
+                ip: p.address.ip().to_string(),
+            }],
+            not_ready_addresses: Vec::new(),
+            ports: ["http", "http2"]
+                .into_iter()
+                .map(|name| EndpointPort {
+                    name: name.to_owned(),
+                    port: i64::from(p.address.port()),
+                    protocol: "TCP".to_owned(),
+                })
+                .collect(),
+        })
+        .collect();
+    [
+        Object::Service(service),
+        Object::Endpoints(Endpoints {
+            metadata: meta,
+            subsets,
+        }),
+    ]
 }
 
 /// Why `knarr delete` refused.
