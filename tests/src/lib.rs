@@ -28,6 +28,7 @@ pub mod conformance;
 mod envoy;
 mod install;
 pub mod kfixture;
+pub mod up;
 mod upstream;
 
 use std::future::Future;
@@ -113,15 +114,31 @@ pub fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((rss_kb / 1024.0, ticks / 100.0))
 }
 
-/// The `knarr-queue-proxy` binary of this build, `<target>/<profile>/knarr-queue-proxy` (beside
-/// the running test's `deps/`). `cargo test -p knarr-tests` builds no other package's binaries,
-/// so the first call runs `cargo build -p knarr-queue-proxy` (a no-op when it is fresh); if that
-/// fails, an existing binary is used as it is, with a warning.
+/// The `knarr-queue-proxy` binary of this build; see [`workspace_binary`].
 pub fn queue_proxy_binary() -> anyhow::Result<std::path::PathBuf> {
-    use anyhow::Context as _;
     static BINARY: std::sync::OnceLock<Result<std::path::PathBuf, String>> =
         std::sync::OnceLock::new();
-    let found = BINARY.get_or_init(|| {
+    workspace_binary(&BINARY, "knarr-queue-proxy", "knarr-queue-proxy")
+}
+
+/// The `knarr` binary of this build; see [`workspace_binary`].
+pub fn knarr_binary() -> anyhow::Result<std::path::PathBuf> {
+    static BINARY: std::sync::OnceLock<Result<std::path::PathBuf, String>> =
+        std::sync::OnceLock::new();
+    workspace_binary(&BINARY, "knarr", "knarr")
+}
+
+/// Another package's binary of this build, `<target>/<profile>/<bin>` (beside the running
+/// test's `deps/`). `cargo test -p knarr-tests` builds no other package's binaries, so the first
+/// call runs `cargo build -p <package> --bin <bin>` (a no-op when it is fresh); if that fails, an
+/// existing binary is used as it is, with a warning. `cell` keeps the outcome for the process.
+fn workspace_binary(
+    cell: &std::sync::OnceLock<Result<std::path::PathBuf, String>>,
+    package: &str,
+    bin: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    let found = cell.get_or_init(|| {
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         // <target>/<profile>/deps/<test> (or <target>/<profile>/<bin>).
         let profile_dir = exe
@@ -129,12 +146,11 @@ pub fn queue_proxy_binary() -> anyhow::Result<std::path::PathBuf> {
             .skip(1)
             .find(|d| d.file_name().is_some_and(|n| n != "deps"))
             .ok_or_else(|| format!("no target directory above {}", exe.display()))?;
-        let binary = profile_dir.join("knarr-queue-proxy");
+        let binary = profile_dir.join(bin);
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = std::process::Command::new(cargo);
         build
-            .args(["build", "--quiet", "-p", "knarr-queue-proxy"])
-            .args(["--bin", "knarr-queue-proxy"])
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if let Some(target_dir) = profile_dir.parent() {
             build.env("CARGO_TARGET_DIR", target_dir);
@@ -145,13 +161,13 @@ pub fn queue_proxy_binary() -> anyhow::Result<std::path::PathBuf> {
         match build.status() {
             Ok(status) if status.success() => {}
             Ok(status) if !binary.exists() => {
-                return Err(format!("cargo build -p knarr-queue-proxy: {status}"))
+                return Err(format!("cargo build -p {package} --bin {bin}: {status}"))
             }
             Err(e) if !binary.exists() => {
-                return Err(format!("cannot run cargo build -p knarr-queue-proxy: {e}"))
+                return Err(format!("cannot run cargo build -p {package}: {e}"))
             }
             outcome => eprintln!(
-                "queue_proxy_binary: building failed ({outcome:?}); using {} as it is",
+                "workspace_binary: building failed ({outcome:?}); using {} as it is",
                 binary.display()
             ),
         }
@@ -160,7 +176,7 @@ pub fn queue_proxy_binary() -> anyhow::Result<std::path::PathBuf> {
     found
         .clone()
         .map_err(anyhow::Error::msg)
-        .context("finding the knarr-queue-proxy binary")
+        .with_context(|| format!("finding the {bin} binary"))
 }
 
 #[cfg(test)]

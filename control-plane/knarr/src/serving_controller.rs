@@ -67,6 +67,11 @@ pub struct PodInfo {
     pub last_error: Option<String>,
     /// The pod's log file (app and queue-proxy output).
     pub log_path: String,
+    /// The user's process and the queue-proxy, while they run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_proxy_pid: Option<u32>,
 }
 
 /// A line of `knarr up`'s live status: one Knative Service.
@@ -394,6 +399,8 @@ impl ServingController {
                     restarts: pod.restarts,
                     last_error: pod.last_error.clone(),
                     log_path: pod.log_path.display().to_string(),
+                    app_pid: pod.app_pid,
+                    queue_proxy_pid: pod.queue_proxy_pid,
                 });
             }
         }
