@@ -12,8 +12,15 @@ use knarr_translate::kingress::GatewayConfig;
 use knarr_translate::reconcile::ClassFilter;
 use knarr_xds::NodeGrouping;
 
-mod get;
 use tracing::{error, info};
+
+mod api_client;
+mod apply;
+mod describe;
+mod get;
+mod logs;
+
+use api_client::{AlreadyReported, UsageError};
 
 /// Exit code for bad configuration (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -35,21 +42,6 @@ enum Grouping {
     NodeId,
     /// Envoys with the same node cluster share a snapshot.
     Cluster,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum GetWhat {
-    /// KIngresses with their status conditions.
-    Ingresses,
-    /// Every problem the sources reported.
-    Errors,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Yaml,
-    Json,
 }
 
 #[derive(clap::Args)]
@@ -105,18 +97,17 @@ enum Command {
     Up(Box<knarr::up::UpArgs>),
     /// Run the control plane: the xDS (ADS) server Envoys connect to, fed by Knative objects.
     Serve(Box<ServeArgs>),
-    /// Show objects and their status from a running `knarr serve`.
-    Get {
-        /// What to list.
-        #[arg(value_enum)]
-        what: GetWhat,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value = "table")]
-        output: Output,
-        /// The status API of `knarr serve`.
-        #[arg(long, default_value = "127.0.0.1:18001")]
-        api_addr: SocketAddr,
-    },
+    /// List Knative Services, Configurations, Revisions, Routes (from `knarr up`), ingresses or
+    /// source errors, with their status.
+    Get(get::GetArgs),
+    /// Create or update Knative Services, Configurations and Routes in a running `knarr up`.
+    Apply(apply::ApplyArgs),
+    /// Delete Knative Services, Configurations or Routes from a running `knarr up`.
+    Delete(apply::DeleteArgs),
+    /// Show one Knative object in detail: URL, traffic, revisions, pods, conditions.
+    Describe(describe::DescribeArgs),
+    /// Print the logs of a Knative Service's (or Revision's) pods.
+    Logs(logs::LogsArgs),
     /// Print an Envoy bootstrap that connects to `knarr serve` over ADS.
     EnvoyBootstrap {
         /// Where Knarr's xDS server is reachable from Envoy.
@@ -192,17 +183,33 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve(config))
         }
-        Command::Get {
-            what,
-            output,
-            api_addr,
-        } => match get::run(api_addr, what, output) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("knarr get: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Get(args) => client_command("get", get::run(&args)),
+        Command::Apply(args) => client_command("apply", apply::apply(&args)),
+        Command::Delete(args) => client_command("delete", apply::delete(&args)),
+        Command::Describe(args) => client_command("describe", describe::run(&args)),
+        Command::Logs(args) => client_command("logs", logs::run(&args)),
+    }
+}
+
+/// The exit code of a command that talks to the API, after saying what went wrong.
+fn client_command(name: &str, result: anyhow::Result<()>) -> ExitCode {
+    let Err(e) = result else {
+        return ExitCode::SUCCESS;
+    };
+    if e.is::<AlreadyReported>() {
+        return ExitCode::FAILURE;
+    }
+    // `knarr logs ... | head` closing the pipe is how such commands normally end.
+    if e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("knarr {name}: {e:#}");
+    if e.is::<UsageError>() {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
