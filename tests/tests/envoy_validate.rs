@@ -11,7 +11,7 @@ use prost::Message;
 
 /// Representative objects: splits with headers, cluster-local hosts, paths with header matches,
 /// host rewrite, redirect, an h2c backend, an ExternalName Service and EndpointSlices.
-const OBJECTS: &str = include_str!("../../examples/hello/ingress.yaml");
+const OBJECTS: &str = include_str!("../../examples/kingress/ingress.yaml");
 const MORE: &str = r#"
 apiVersion: networking.internal.knative.dev/v1alpha1
 kind: Ingress
