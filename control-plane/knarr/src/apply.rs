@@ -16,8 +16,8 @@ use crate::api_client::{
 
 #[derive(clap::Args)]
 pub(crate) struct ApplyArgs {
-    /// A manifest, a directory of them (its *.yaml, *.yml and *.json files), or `-` for stdin.
-    /// Repeatable.
+    /// A manifest, a directory of them (its *.yaml, *.yml and *.json files), or `-` for stdin
+    /// (relative working directories then start from the current one). Repeatable.
     #[arg(
         short = 'f',
         long = "filename",

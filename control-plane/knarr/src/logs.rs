@@ -17,6 +17,9 @@ use crate::api_client::{check_name, str_of, ApiArgs, ApiClient, DEFAULT_NAMESPAC
 const POLL: Duration = Duration::from_millis(200);
 /// How often the API is asked for new pods while following.
 const REFRESH: Duration = Duration::from_secs(1);
+/// Once a followed object is deleted, how long its pods' logs must stay unchanged before
+/// `knarr logs -f` ends (they drain and stop first).
+const GONE_QUIET: Duration = Duration::from_secs(3);
 
 #[derive(clap::Args)]
 pub(crate) struct LogsArgs {
@@ -31,6 +34,9 @@ pub(crate) struct LogsArgs {
     /// Keep printing new output, and the output of new pods, until Ctrl-C.
     #[arg(short = 'f', long)]
     follow: bool,
+    /// Start every line with `[pod]` (the default when there are several pods).
+    #[arg(long)]
+    prefix: bool,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -57,7 +63,7 @@ pub(crate) fn run(args: &LogsArgs) -> anyhow::Result<()> {
     }
     let mut out = io::stdout().lock();
     let mut logs: BTreeMap<String, PodLog> = BTreeMap::new();
-    let prefixed = pods.len() > 1;
+    let prefixed = args.prefix || pods.len() > 1;
     for (pod, log_path) in pods {
         let mut log = PodLog {
             path: log_path,
@@ -84,50 +90,69 @@ pub(crate) fn run(args: &LogsArgs) -> anyhow::Result<()> {
     }
 
     let mut asked = Instant::now();
+    let mut quiet_since = Instant::now();
+    // Set once the object is deleted: its pods' last words are still printed.
+    let mut gone: Option<String> = None;
     loop {
         std::thread::sleep(POLL);
-        if asked.elapsed() >= REFRESH {
+        if gone.is_none() && asked.elapsed() >= REFRESH {
             asked = Instant::now();
-            let pods = match list_pods(&client, &path) {
-                Ok(pods) => pods,
+            match client.get_optional(&path) {
+                Ok(Ok(answer)) => {
+                    for (pod, log_path) in pods_in(&answer) {
+                        // A pod started since: all of its output is new.
+                        logs.entry(pod).or_insert(PodLog {
+                            path: log_path,
+                            offset: 0,
+                            partial: Vec::new(),
+                        });
+                    }
+                }
+                Ok(Err(message)) => gone = Some(message),
                 Err(e) => bail!("stopped following: {e:#}"),
-            };
-            for (pod, log_path) in pods {
-                // A pod started since: all of its output is new.
-                logs.entry(pod).or_insert(PodLog {
-                    path: log_path,
-                    offset: 0,
-                    partial: Vec::new(),
-                });
             }
         }
-        let prefixed = logs.len() > 1;
+        let prefixed = args.prefix || logs.len() > 1;
         for (pod, log) in &mut logs {
             if let Some(text) = read_new(log) {
+                quiet_since = Instant::now();
                 write_lines(&mut out, prefixed.then_some(pod), &text, &mut log.partial)?;
             }
         }
         out.flush()?;
+        if let Some(message) = &gone {
+            if quiet_since.elapsed() >= GONE_QUIET {
+                for (pod, log) in &mut logs {
+                    finish_line(&mut out, prefixed.then_some(pod), &mut log.partial)?;
+                }
+                out.flush()?;
+                eprintln!("{message}: stopped following");
+                return Ok(());
+            }
+        }
     }
 }
 
-/// `(pod name, log path)` of every pod the API lists for `path`.
+/// The pods the API lists for a name: `(pod name, log path)`; an unknown name is an error.
 fn list_pods(client: &ApiClient, path: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let pods = match client.get_optional(path)? {
-        Ok(pods) => pods,
+    match client.get_optional(path)? {
+        Ok(answer) => Ok(pods_in(&answer)),
         Err(message) => bail!("{message}"),
-    };
-    Ok(pods["items"]
+    }
+}
+
+fn pods_in(answer: &Value) -> Vec<(String, PathBuf)> {
+    answer["items"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|pod: &Value| {
+        .map(|pod| {
             (
                 str_of(&pod["name"]).to_owned(),
                 PathBuf::from(str_of(&pod["logPath"])),
             )
         })
-        .collect())
+        .collect()
 }
 
 /// The last `lines` lines of a file (all of it for `None`) and the offset they end at.
