@@ -91,7 +91,7 @@ impl KnarrUp {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
-            .kill_on_drop(true)
+            // Not killed on drop: SIGKILL would leave its Envoy and pods running (see `Drop`).
             .spawn()
             .with_context(|| format!("spawning {}", knarr.display()))?;
         let stdout = Arc::new(Mutex::new(String::new()));
@@ -261,6 +261,18 @@ impl KnarrUp {
         // Let the stdout reader drain.
         tokio::time::sleep(Duration::from_millis(50)).await;
         Ok((status, self.output()))
+    }
+}
+
+/// A test that ends without [`KnarrUp::stop`] (a failed assertion, say) still leaves nothing
+/// running: `knarr up` gets SIGINT and stops its Envoy and pods on its own.
+impl Drop for KnarrUp {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status();
+        }
     }
 }
 

@@ -24,6 +24,23 @@ use crate::bootstrap::{self, BootstrapOptions};
 use crate::serving_controller::{ServiceSummary, ServingController};
 use crate::{ControlPlane, ServeConfig};
 
+/// `println!` that never panics: `knarr up`'s output may be a pipe whose reader is gone, and
+/// nothing about that should stop it from cleaning up.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// The same for stderr.
+macro_rules! esay {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// Exit code for bad configuration (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 /// The node id `knarr up`'s Envoy announces.
@@ -86,14 +103,14 @@ pub fn run(args: UpArgs) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("knarr up: cannot start the async runtime: {e}");
+            esay!("knarr up: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     let setup = match Setup::new(args) {
         Ok(setup) => setup,
         Err(e) => {
-            eprintln!("knarr up: {e:#}");
+            esay!("knarr up: {e:#}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -176,7 +193,7 @@ async fn up(setup: Setup) -> ExitCode {
         match ControlPlane::start_with_services(config, &args.domain, runtime.clone()).await {
             Ok(cp) => cp,
             Err(e) => {
-                eprintln!("knarr up: {e:#}");
+                esay!("knarr up: {e:#}");
                 runtime.shutdown().await;
                 return ExitCode::from(EXIT_CONFIG);
             }
@@ -189,7 +206,7 @@ async fn up(setup: Setup) -> ExitCode {
     let mut envoy = match Gateway::start(&envoy, &state_dir, control_plane.xds_addr).await {
         Ok(envoy) => envoy,
         Err(e) => {
-            eprintln!("knarr up: {e:#}");
+            esay!("knarr up: {e:#}");
             runtime.shutdown().await;
             control_plane.shutdown(Duration::from_secs(2)).await;
             return ExitCode::FAILURE;
@@ -198,7 +215,7 @@ async fn up(setup: Setup) -> ExitCode {
     let ports = match envoy.listener_ports(&args).await {
         Ok(ports) => ports,
         Err(e) => {
-            eprintln!("knarr up: {e:#}");
+            esay!("knarr up: {e:#}");
             envoy.stop().await;
             runtime.shutdown().await;
             control_plane.shutdown(Duration::from_secs(2)).await;
@@ -210,20 +227,18 @@ async fn up(setup: Setup) -> ExitCode {
     let external = format!("http://{}", SocketAddr::new(host, ports.0));
     let internal = format!("http://{}", SocketAddr::new(host, ports.1));
     let api = control_plane.api_addr.unwrap_or(args.api_addr);
-    println!("Knarr is up.");
-    println!("  gateway:        {external}");
-    println!("  cluster-local:  {internal}");
-    println!(
-        "  api:            {api}   (knarr get ksvc, knarr describe ksvc NAME, knarr logs NAME)"
-    );
-    println!("  xds:            {}", control_plane.xds_addr);
-    println!("  envoy admin:    http://{}", envoy.admin_addr);
-    println!("  logs:           {}", state_dir.display());
+    say!("Knarr is up.");
+    say!("  gateway:        {external}");
+    say!("  cluster-local:  {internal}");
+    say!("  api:            {api}   (knarr get ksvc, knarr describe ksvc NAME, knarr logs NAME)");
+    say!("  xds:            {}", control_plane.xds_addr);
+    say!("  envoy admin:    http://{}", envoy.admin_addr);
+    say!("  logs:           {}", state_dir.display());
     if !args.paths.is_empty() {
         let shown: Vec<String> = args.paths.iter().map(|p| p.display().to_string()).collect();
-        println!("  watching:       {}", shown.join(", "));
+        say!("  watching:       {}", shown.join(", "));
     }
-    println!("Press Ctrl-C to stop.");
+    say!("Press Ctrl-C to stop.");
 
     let printer = tokio::spawn(print_status(
         serving.clone(),
@@ -234,11 +249,11 @@ async fn up(setup: Setup) -> ExitCode {
 
     let code = tokio::select! {
         signal = signals.next() => {
-            println!("knarr up: {signal}, stopping (Ctrl-C again to kill at once)");
+            say!("knarr up: {signal}, stopping (Ctrl-C again to kill at once)");
             ExitCode::SUCCESS
         }
         status = envoy.wait() => {
-            eprintln!(
+            esay!(
                 "knarr up: Envoy exited ({status}); its log: {}",
                 envoy.log_path.display()
             );
@@ -251,13 +266,13 @@ async fn up(setup: Setup) -> ExitCode {
     tokio::select! {
         () = runtime.shutdown() => {}
         _ = signals.next() => {
-            println!("knarr up: killing every process");
+            say!("knarr up: killing every process");
             drop(runtime);
         }
     }
     envoy.stop().await;
     control_plane.shutdown(Duration::from_secs(5)).await;
-    println!("knarr up: stopped");
+    say!("knarr up: stopped");
     code
 }
 
@@ -280,7 +295,7 @@ async fn print_status(
             .map(|s| (s.namespace.clone(), s.name.clone()))
             .collect();
         for gone in shown.keys().filter(|k| !live.contains(*k)) {
-            println!("{}/{}  deleted", gone.0, gone.1);
+            say!("{}/{}  deleted", gone.0, gone.1);
         }
         shown.retain(|k, _| live.contains(k));
         hinted.retain(|k| live.contains(k));
@@ -289,9 +304,9 @@ async fn print_status(
             if shown.get(&key) == Some(&summary) {
                 continue;
             }
-            println!("{}", summary_line(&summary));
+            say!("{}", summary_line(&summary));
             if summary.ready == "Ready" && hinted.insert(key.clone()) {
-                println!("  try: {}", curl_hint(&summary.url, &external, &internal));
+                say!("  try: {}", curl_hint(&summary.url, &external, &internal));
             }
             shown.insert(key, summary);
         }
@@ -299,7 +314,7 @@ async fn print_status(
             let errors = ingress.errors();
             for error in &errors {
                 if !errors_shown.contains(error) {
-                    println!("error: {error}");
+                    say!("error: {error}");
                 }
             }
             errors_shown = errors.into_iter().collect();
@@ -581,7 +596,7 @@ fn envoy_binary() -> anyhow::Result<PathBuf> {
             return Ok(installed);
         }
         let script = root.join("scripts/install-envoy.sh");
-        eprintln!(
+        esay!(
             "knarr up: Envoy is not installed; running {}",
             script.display()
         );
