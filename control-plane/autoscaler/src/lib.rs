@@ -1,0 +1,1 @@
+//! Knative's KPA autoscaler, pure: no clock, no I/O. (Being written.)
