@@ -1,0 +1,97 @@
+//! `knarr-activator`: configured by flags (or `KNARR_ACTIVATOR_*` variables); see the crate docs.
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use knarr_activator::config::{Config, ConfigError};
+use knarr_activator::{stats_channel, Running};
+use knarr_proto::activator::RevisionStats;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// Exit code for bad configuration (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let config = match Config::from_args(std::env::args_os()) {
+        Ok(c) => c,
+        Err(ConfigError::Display(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(ConfigError::Invalid(e)) => {
+            eprintln!("knarr-activator: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KNARR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("knarr-activator: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let (stats_tx, stats_rx) = stats_channel();
+        let running = match Running::start(config.clone(), stats_tx).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("knarr-activator: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        // The control-plane client plugs in here: it applies revisions from `config.xds_addr`
+        // (as `config.node_id`) to `running.revisions` and streams `stats_rx` to the autoscaler.
+        if let Some(addr) = &config.xds_addr {
+            warn!(%addr, "no control-plane client yet: only static revisions are known");
+        }
+        tokio::spawn(log_stats(stats_rx));
+        let signal = wait_for_signal().await;
+        info!(signal, "draining");
+        running.drain_and_stop().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Until stats have somewhere to go, they are logged (at debug).
+async fn log_stats(mut stats: mpsc::Receiver<RevisionStats>) {
+    while let Some(s) = stats.recv().await {
+        debug!(
+            revision = %format_args!("{}/{}", s.namespace, s.revision),
+            average_concurrency = s.average_concurrency,
+            request_count = s.request_count,
+            poke = s.poke,
+            "revision stats"
+        );
+    }
+}
+
+/// Waits for SIGTERM or SIGINT. SIGHUP is logged and ignored: there is nothing to reload.
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        // Without signal handlers, run until killed.
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => info!("SIGHUP ignored: nothing to reload"),
+        }
+    }
+}

@@ -1,0 +1,533 @@
+//! The request path: probes are answered here; other requests name their revision in
+//! `Knative-Serving-Namespace` / `Knative-Serving-Revision`, wait for a slot on one of its ready
+//! pods ([`Throttler`](crate::throttler)), and are forwarded there — streaming both ways, upgrades
+//! (WebSockets) included — with `K-Proxy-Request: activator` added and the revision headers kept
+//! (the pod's queue-proxy needs nothing else and strips them).
+//!
+//! Errors say who failed: 404 an unknown revision (the caller), 503 a full queue or a revision
+//! removed while waiting (us, retryable), 504 no capacity or no response within the revision's
+//! timeout, 502 a pod that cannot be reached or drops the connection (upstream).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Either, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::time::{Instant, Sleep};
+use tracing::debug;
+
+use crate::drain::Drainer;
+use crate::metrics::Refusal;
+use crate::probe;
+use crate::revisions::Revisions;
+use crate::throttler::{InFlight, Lease, Refused, Spec};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A response body that can come from a pod or from us.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+/// A request body to a pod: the client's, or none (probes).
+pub(crate) type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+pub const REVISION_HEADER: HeaderName = HeaderName::from_static("knative-serving-revision");
+pub const NAMESPACE_HEADER: HeaderName = HeaderName::from_static("knative-serving-namespace");
+/// Tells the queue-proxy the request came through the activator (it counts those apart).
+pub const PROXY_HEADER: HeaderName = HeaderName::from_static("k-proxy-request");
+
+/// The 504 body, Knative's.
+pub const TIMEOUT_BODY: &str = "activator request timeout";
+/// The 503 body when too many requests wait, Knative's.
+pub const QUEUE_FULL_BODY: &str = "pending request queue full";
+
+pub(crate) fn ours(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Connection pools to pods, shared by every revision (and the probes, so a probe's connection
+/// serves the first request).
+pub(crate) struct PodClients {
+    pub http1: Client<HttpConnector, UpstreamBody>,
+    /// h2c with prior knowledge, for requests that arrived over HTTP/2.
+    pub http2: Client<HttpConnector, UpstreamBody>,
+}
+
+impl PodClients {
+    pub fn new() -> PodClients {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        PodClients {
+            http1: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector.clone()),
+            http2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
+        }
+    }
+}
+
+/// The shared state of the request path.
+pub struct Proxy {
+    revisions: Revisions,
+    drainer: Arc<Drainer>,
+}
+
+impl Proxy {
+    pub fn new(revisions: Revisions, drainer: Arc<Drainer>) -> Proxy {
+        Proxy { revisions, drainer }
+    }
+
+    /// Serves one request from `peer`.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        if let Some(resp) = probe::answer(req.headers(), self.drainer.is_draining()) {
+            return resp;
+        }
+        let metrics = &self.revisions.shared().metrics;
+        let named = |h: &HeaderName| {
+            req.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        let (Some(namespace), Some(name)) = (named(&NAMESPACE_HEADER), named(&REVISION_HEADER))
+        else {
+            metrics.refused(Refusal::UnknownRevision);
+            return ours(
+                StatusCode::NOT_FOUND,
+                "activator: the request names no revision \
+                 (Knative-Serving-Namespace and Knative-Serving-Revision headers)\n",
+            );
+        };
+        let Some(throttler) = self.revisions.lookup(namespace, name) else {
+            metrics.refused(Refusal::UnknownRevision);
+            return ours(
+                StatusCode::NOT_FOUND,
+                format!("activator: unknown revision {namespace}/{name}\n"),
+            );
+        };
+        self.drainer.request_seen();
+        metrics.requests.inc();
+        let in_flight = throttler.arrive();
+        let spec = throttler.spec();
+        let deadline = Instant::now() + spec.timeout;
+        let lease = match throttler.acquire(deadline).await {
+            Ok(lease) => lease,
+            Err(refused) => {
+                let (why, status, body) = match refused {
+                    Refused::QueueFull => (
+                        Refusal::QueueFull,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        QUEUE_FULL_BODY.to_owned(),
+                    ),
+                    Refused::Timeout => (
+                        Refusal::Timeout,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        TIMEOUT_BODY.to_owned(),
+                    ),
+                    Refused::Removed => (
+                        Refusal::RevisionRemoved,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("activator: revision {namespace}/{name} was removed while the request waited\n"),
+                    ),
+                };
+                metrics.refused(why);
+                return ours(status, body);
+            }
+        };
+        metrics.proxied.inc();
+        let guards = Guards {
+            _in_flight: in_flight,
+            lease,
+        };
+        if is_upgrade(&req) {
+            return self.upgrade(req, peer, guards, deadline).await;
+        }
+        self.forward(req, peer, guards, spec, deadline).await
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        guards: Guards,
+        spec: Spec,
+        deadline: Instant,
+    ) -> Response<ProxyBody> {
+        let metrics = &self.revisions.shared().metrics;
+        let clients = &self.revisions.shared().clients;
+        let http2 = req.version() == Version::HTTP_2;
+        let client = if http2 {
+            &clients.http2
+        } else {
+            &clients.http1
+        };
+        let req = to_pod(req, guards.lease.target().authority.clone(), peer, false);
+        // The response-start timeout counts from forwarding: a cold start's wait is bounded by
+        // the total timeout only.
+        let headers_by = match spec.response_start_timeout {
+            Some(t) => deadline.min(Instant::now() + t),
+            None => deadline,
+        };
+        let resp = match tokio::time::timeout_at(headers_by, client.request(req)).await {
+            Err(_) => {
+                metrics.refused(Refusal::Timeout);
+                return ours(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY);
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                debug!(error = %e, pod = %guards.lease.target().addr, "pod unreachable");
+                guards.lease.pod_unreachable();
+                metrics.refused(Refusal::PodUnreachable);
+                return ours(
+                    StatusCode::BAD_GATEWAY,
+                    "activator: cannot reach the revision's pod\n",
+                );
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, pod = %guards.lease.target().addr, "pod failed");
+                metrics.refused(Refusal::PodFailed);
+                return ours(
+                    StatusCode::BAD_GATEWAY,
+                    "activator: the revision's pod closed the connection\n",
+                );
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        let body = GuardedBody {
+            inner: body,
+            guards: Some(guards),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            idle_timeout: spec.idle_timeout,
+            idle: spec.idle_timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+        };
+        Response::from_parts(parts, body.boxed_unsync())
+    }
+
+    /// WebSocket and other HTTP/1.1 upgrades: a dedicated connection to the pod, then bytes
+    /// copied both ways until either side closes. The slot stays taken meanwhile.
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        guards: Guards,
+        deadline: Instant,
+    ) -> Response<ProxyBody> {
+        let metrics = &self.revisions.shared().metrics;
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let target_addr = guards.lease.target().addr;
+        let pod_req = to_pod(req, guards.lease.target().authority.clone(), peer, true);
+        let connect = async {
+            let stream = tokio::net::TcpStream::connect(target_addr)
+                .await
+                .map_err(UpgradeError::Connect)?;
+            let _ = stream.set_nodelay(true);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(UpgradeError::Exchange)?;
+            tokio::spawn(conn.with_upgrades());
+            sender
+                .send_request(pod_req)
+                .await
+                .map_err(UpgradeError::Exchange)
+        };
+        let mut resp = match tokio::time::timeout_at(deadline, connect).await {
+            Err(_) => {
+                metrics.refused(Refusal::Timeout);
+                return ours(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY);
+            }
+            Ok(Err(UpgradeError::Connect(e))) => {
+                debug!(error = %e, pod = %target_addr, "pod unreachable");
+                guards.lease.pod_unreachable();
+                metrics.refused(Refusal::PodUnreachable);
+                return ours(
+                    StatusCode::BAD_GATEWAY,
+                    "activator: cannot reach the revision's pod\n",
+                );
+            }
+            Ok(Err(UpgradeError::Exchange(e))) => {
+                debug!(error = %e, pod = %target_addr, "upgrade to the pod failed");
+                metrics.refused(Refusal::PodFailed);
+                return ours(
+                    StatusCode::BAD_GATEWAY,
+                    "activator: the revision's pod closed the connection\n",
+                );
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers, false);
+            let body = GuardedBody {
+                inner: body,
+                guards: Some(guards),
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                idle_timeout: None,
+                idle: None,
+            };
+            return Response::from_parts(parts, body.boxed_unsync());
+        }
+        let pod_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let _guards = guards;
+            match tokio::try_join!(client_upgrade, pod_upgrade) {
+                Ok((client, pod)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut pod = TokioIo::new(pod);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut pod).await;
+                }
+                Err(e) => debug!(error = %e, "upgrade failed"),
+            }
+        });
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        Response::from_parts(
+            parts,
+            Empty::new().map_err(|never| match never {}).boxed_unsync(),
+        )
+    }
+}
+
+#[derive(Debug)]
+enum UpgradeError {
+    Connect(std::io::Error),
+    Exchange(hyper::Error),
+}
+
+/// The request as the pod gets it: its address in the URI (the `Host` header stays), hop-by-hop
+/// headers gone, `K-Proxy-Request: activator` and the client in `X-Forwarded-For` added.
+fn to_pod(
+    req: Request<Incoming>,
+    authority: http::uri::Authority,
+    peer: SocketAddr,
+    upgrade: bool,
+) -> Request<UpstreamBody> {
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path_and_query);
+    parts.uri = http::Uri::from_parts(uri).expect("scheme, authority and path make a URI");
+    if parts.version != Version::HTTP_2 {
+        parts.version = Version::HTTP_11;
+    }
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers, upgrade);
+    headers.insert(PROXY_HEADER, HeaderValue::from_static("activator"));
+    // As any HTTP proxy: the client joins the end of the list (several headers fold into one).
+    let mut forwarded: Vec<String> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    forwarded.push(peer.ip().to_string());
+    if let Ok(v) = HeaderValue::from_str(&forwarded.join(", ")) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    Request::from_parts(parts, Either::Left(body))
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Removes the headers that describe one connection rather than the message (RFC 9110 §7.6.1),
+/// and those the `Connection` header names. `TE: trailers` stays (gRPC needs it); for an upgrade
+/// `Connection: upgrade` and `Upgrade` stay.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+    ] {
+        headers.remove(name);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Held for as long as a request is in flight, response body included.
+struct Guards {
+    _in_flight: InFlight,
+    lease: Lease,
+}
+
+/// The pod's response body, streamed as it comes, keeping the request counted and its slot taken
+/// until the last byte, and enforcing the total and idle timeouts.
+struct GuardedBody {
+    inner: Incoming,
+    guards: Option<Guards>,
+    deadline: Pin<Box<Sleep>>,
+    idle_timeout: Option<Duration>,
+    idle: Option<Pin<Box<Sleep>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("the request took longer than the revision timeout")]
+    Timeout,
+    #[error("the pod sent nothing for longer than the idle timeout")]
+    Idle,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.guards = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => {
+                if let (Some(t), Some(idle)) = (this.idle_timeout, this.idle.as_mut()) {
+                    idle.as_mut().reset(Instant::now() + t);
+                }
+                Poll::Ready(Some(frame.map_err(|e| Box::new(e) as BoxError)))
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    this.guards = None;
+                    return Poll::Ready(Some(Err(Box::new(StreamError::Timeout))));
+                }
+                if let Some(idle) = this.idle.as_mut() {
+                    if idle.as_mut().poll(cx).is_ready() {
+                        this.guards = None;
+                        return Poll::Ready(Some(Err(Box::new(StreamError::Idle))));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+
+        let mut h = headers(&[("te", "trailers"), ("proxy-connection", "keep-alive")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        assert!(!h.contains_key("proxy-connection"));
+    }
+
+    #[test]
+    fn upgrades_keep_their_headers() {
+        let req = Request::get("/ws")
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade(&req));
+        let mut h = req.headers().clone();
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+        let plain = Request::get("/").header("upgrade", "h2c").body(()).unwrap();
+        assert!(!is_upgrade(&plain));
+    }
+}
