@@ -1,7 +1,8 @@
-//! Knative's KPA autoscaler, pure: no clock, no I/O. (Being written: configuration so far.)
+//! Knative's KPA autoscaler, pure: no clock, no I/O. (Being written: configuration and metric windows so far.)
 
 mod config;
 mod go;
+mod metrics;
 mod scaling;
 
 pub use config::{
@@ -9,6 +10,7 @@ pub use config::{
     PANIC_THRESHOLD_PERCENTAGE_MIN, PANIC_WINDOW_PERCENTAGE_MAX, PANIC_WINDOW_PERCENTAGE_MIN,
     RPS_TARGET_UTILIZATION, TARGET_MIN, WINDOW_MAX, WINDOW_MIN,
 };
+pub use metrics::{MetricCollector, Observed, Sample};
 pub use scaling::{
     AnnotationError, Metric, RevisionScaling, ACTIVATION_SCALE_ANNOTATION, ANNOTATION_PREFIX,
     CLASS_ANNOTATION, INITIAL_SCALE_ANNOTATION, KPA_CLASS, MAX_SCALE_ANNOTATION, METRIC_ANNOTATION,
