@@ -1,6 +1,7 @@
-//! Knative's KPA autoscaler, pure: no clock, no I/O. (Being written: configuration and metric windows so far.)
+//! Knative's KPA autoscaler, pure: no clock, no I/O. (Being written: configuration, metric windows and the decider so far.)
 
 mod config;
+mod decider;
 mod go;
 mod metrics;
 mod scaling;
@@ -10,6 +11,7 @@ pub use config::{
     PANIC_THRESHOLD_PERCENTAGE_MIN, PANIC_WINDOW_PERCENTAGE_MAX, PANIC_WINDOW_PERCENTAGE_MIN,
     RPS_TARGET_UTILIZATION, TARGET_MIN, WINDOW_MAX, WINDOW_MIN,
 };
+pub use decider::{excess_burst_capacity, Decider, Decision};
 pub use metrics::{MetricCollector, Observed, Sample};
 pub use scaling::{
     AnnotationError, Metric, RevisionScaling, ACTIVATION_SCALE_ANNOTATION, ANNOTATION_PREFIX,
