@@ -1,9 +1,10 @@
-//! Knative's KPA autoscaler, pure: no clock, no I/O. (Being written: configuration, metric windows and the decider so far.)
+//! Knative's KPA autoscaler, pure: no clock, no I/O. (Being written: configuration, metric windows, the decider and scale-to-zero so far.)
 
 mod config;
 mod decider;
 mod go;
 mod metrics;
+mod scale_to_zero;
 mod scaling;
 
 pub use config::{
@@ -13,6 +14,7 @@ pub use config::{
 };
 pub use decider::{excess_burst_capacity, Decider, Decision};
 pub use metrics::{MetricCollector, Observed, Sample};
+pub use scale_to_zero::{Activity, ScaleToZero, ScaleToZeroInput, ScaleToZeroOutcome};
 pub use scaling::{
     AnnotationError, Metric, RevisionScaling, ACTIVATION_SCALE_ANNOTATION, ANNOTATION_PREFIX,
     CLASS_ANNOTATION, INITIAL_SCALE_ANNOTATION, KPA_CLASS, MAX_SCALE_ANNOTATION, METRIC_ANNOTATION,
