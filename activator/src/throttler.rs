@@ -682,6 +682,73 @@ mod tests {
         Some(i)
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn pokes_at_most_every_interval_while_no_pod_is_ready() {
+        let (tx, mut rx) = crate::stats::stats_channel();
+        let revisions = crate::Revisions::new("act-1", 10, tx);
+        revisions
+            .upsert(knarr_proto::activator::Revision {
+                namespace: "ns".into(),
+                name: "r".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let throttler = revisions.lookup("ns", "r").unwrap();
+        let mut requests: Vec<_> = (0..5).map(|_| throttler.arrive()).collect();
+        let poke = rx.try_recv().unwrap();
+        assert!(poke.poke);
+        assert_eq!(
+            (
+                poke.activator.as_str(),
+                poke.namespace.as_str(),
+                poke.revision.as_str()
+            ),
+            ("act-1", "ns", "r")
+        );
+        assert_eq!((poke.average_concurrency, poke.request_count), (1.0, 1.0));
+        assert!(rx.try_recv().is_err(), "one poke per interval");
+
+        tokio::time::advance(POKE_INTERVAL - Duration::from_millis(1)).await;
+        requests.push(throttler.arrive());
+        assert!(rx.try_recv().is_err());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        requests.push(throttler.arrive());
+        let poke = rx.try_recv().unwrap();
+        assert!(poke.poke);
+        assert_eq!(poke.average_concurrency, 7.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_ends_in_timeout_or_a_full_queue() {
+        let (tx, _rx) = crate::stats::stats_channel();
+        let revisions = crate::Revisions::new("act-1", 2, tx);
+        revisions
+            .upsert(knarr_proto::activator::Revision {
+                namespace: "ns".into(),
+                name: "r".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let throttler = revisions.lookup("ns", "r").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let (a, b) = (throttler.clone(), throttler.clone());
+        let waiters = [
+            tokio::spawn(async move { a.acquire(deadline).await.map(drop) }),
+            tokio::spawn(async move { b.acquire(deadline).await.map(drop) }),
+        ];
+        tokio::task::yield_now().await;
+        assert_eq!(throttler.state().held, 2);
+        assert_eq!(
+            throttler.acquire(deadline).await.map(drop),
+            Err(Refused::QueueFull)
+        );
+        for w in waiters {
+            assert_eq!(w.await.unwrap(), Err(Refused::Timeout));
+        }
+        assert_eq!(Instant::now(), deadline);
+        assert_eq!(throttler.state().held, 0);
+    }
+
     #[test]
     fn policy_follows_container_concurrency() {
         assert_eq!(
