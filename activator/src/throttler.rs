@@ -14,7 +14,7 @@
 //! Locking: one `std` mutex per revision, never held across an `.await` nor while a [`Lease`] or
 //! [`InFlight`] is dropped (their drops take it).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -292,12 +292,16 @@ impl Throttler {
             return;
         }
         st.spec = spec;
-        let mut old = std::mem::take(&mut st.pool.pods);
+        let mut old: HashMap<SocketAddr, Pod> = std::mem::take(&mut st.pool.pods)
+            .into_iter()
+            .map(|p| (p.target.addr, p))
+            .collect();
         let mut pods = Vec::with_capacity(endpoints.len());
         for &addr in endpoints {
-            if let Some(i) = old.iter().position(|p| p.target.addr == addr) {
-                pods.push(old.swap_remove(i));
+            if let Some(pod) = old.remove(&addr) {
+                pods.push(pod);
             } else {
+                debug!(revision = %inner.key(), pod = %addr, "pod added: probing it");
                 let target = Arc::new(Target::new(addr));
                 let prober = Some(inner.spawn_prober(&target));
                 pods.push(Pod {
@@ -307,7 +311,7 @@ impl Throttler {
                 });
             }
         }
-        for mut gone in old {
+        for mut gone in old.into_values() {
             debug!(revision = %inner.key(), pod = %gone.target.addr, "pod removed");
             gone.stop_probing();
         }

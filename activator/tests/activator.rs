@@ -538,3 +538,24 @@ async fn wait_until_async_ready_fails(admin: std::net::SocketAddr) {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_pod_slow_to_start_its_response_is_504() {
+    let (act, _stats) = activator(config()).await;
+    let pod = Pod::builder("pod-a").gated().start().await;
+    let mut rev = revision("mute", 0, 0, &[&pod]);
+    rev.response_start_timeout_seconds = 1;
+    act.revisions.upsert(rev).unwrap();
+    let started = tokio::time::Instant::now();
+    let reply = get(&client(), act.listen_addr, "mute").await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (504, "activator request timeout")
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(pod.requests(), 1);
+    wait_until("the slot is free again", || {
+        act.revisions.state("default", "mute").unwrap().proxied == 0
+    })
+    .await;
+}
