@@ -1,4 +1,4 @@
-//! The revision table: what the control plane says exists, and each revision's [`Throttler`].
+//! The revision table: what the control plane says exists, and each revision's throttler.
 //!
 //! The control-plane client calls [`Revisions::upsert`] for every `Revision` resource it receives
 //! and [`Revisions::remove`] for every removed one. Requests look revisions up in an immutable

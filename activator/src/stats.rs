@@ -1,6 +1,6 @@
 //! Load the activator reports to the autoscaler, per revision.
 //!
-//! Each revision's [`Window`] integrates the requests it has in flight (held *and* proxied) over
+//! Each revision's `Window` integrates the requests it has in flight (held *and* proxied) over
 //! time, as the queue-proxy does for a pod, so a report carries the time-weighted average
 //! concurrency of the period and the requests that arrived in it. Every [`REPORTING_PERIOD`] the
 //! reporter closes every revision's window and sends one [`RevisionStats`] per revision that had

@@ -7,12 +7,12 @@
 //!
 //! A request either takes a slot at once (nobody is waiting and a pod has room) or joins a FIFO
 //! queue of at most `queue_depth` waiters (beyond it: refused). Whenever capacity appears (a
-//! request finishes, a pod passes its probe, CC grows) waiters are handed a [`Lease`] in arrival
+//! request finishes, a pod passes its probe, CC grows) waiters are handed a `Lease` in arrival
 //! order through a oneshot channel. A lease is the slot: dropping it frees the slot and serves
 //! the next waiter. Pods are chosen as Knative's activator does ([`Policy`]).
 //!
-//! Locking: one `std` mutex per revision, never held across an `.await` nor while a [`Lease`] or
-//! [`InFlight`] is dropped (their drops take it).
+//! Locking: one `std` mutex per revision, never held across an `.await` nor while a `Lease` or
+//! `InFlight` is dropped (their drops take it).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
