@@ -1055,3 +1055,397 @@ pub fn resolve_working_dirs(object: &mut ServingObject, base: &Path) {
         container.working_dir = dir.to_string_lossy().into_owned();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use knarr_runtime::RuntimeError;
+    use knarr_translate::kingress::GatewayConfig;
+    use knarr_translate::reconcile::{ClassFilter, IngressIndex};
+    use knarr_xds::{Clients, NodeGrouping, SnapshotCache};
+
+    use super::*;
+    use crate::routes_file::Routes;
+    use crate::status::LoadBalancerNames;
+
+    /// A runtime whose pods the test decides: `scale` is recorded, `pods` answers what was set.
+    #[derive(Default)]
+    struct FakeRuntime {
+        scaled: Mutex<BTreeMap<String, usize>>,
+        pods: Mutex<BTreeMap<String, Vec<PodStatus>>>,
+        refuse: Mutex<Option<String>>,
+        changes: watch::Sender<u64>,
+    }
+
+    impl FakeRuntime {
+        fn replicas(&self, revision: &str) -> Option<usize> {
+            self.scaled.lock().unwrap().get(revision).copied()
+        }
+
+        /// Gives `revision` one pod in `phase` on `port`.
+        fn set_pod(&self, revision: &str, phase: Phase, port: u16) {
+            let pod = PodStatus {
+                name: format!("{revision}-pod-1"),
+                phase,
+                address: SocketAddr::from(([127, 0, 0, 1], port)),
+                restarts: 0,
+                last_error: (phase == Phase::Failed).then(|| "exit status: 3".to_owned()),
+                log_path: "/dev/null".into(),
+                app_pid: None,
+                queue_proxy_pid: None,
+            };
+            self.pods
+                .lock()
+                .unwrap()
+                .insert(format!("default/{revision}"), vec![pod]);
+        }
+    }
+
+    use std::net::SocketAddr;
+
+    impl Runtime for FakeRuntime {
+        fn scale(&self, revision: &RevisionRef, replicas: usize) -> Result<(), RuntimeError> {
+            if let Some(reason) = self.refuse.lock().unwrap().clone() {
+                return Err(RuntimeError::CannotRun {
+                    revision: revision.key(),
+                    field: "spec.containers[0].command".into(),
+                    reason,
+                });
+            }
+            self.scaled.lock().unwrap().insert(revision.key(), replicas);
+            Ok(())
+        }
+
+        fn pods(&self, revision: &str) -> Vec<PodStatus> {
+            self.pods
+                .lock()
+                .unwrap()
+                .get(revision)
+                .cloned()
+                .unwrap_or_default()
+        }
+
+        fn subscribe(&self) -> watch::Receiver<u64> {
+            self.changes.subscribe()
+        }
+    }
+
+    fn controller() -> (
+        Arc<ServingController>,
+        Arc<FakeRuntime>,
+        Arc<IngressController>,
+    ) {
+        let ingress = Arc::new(IngressController::new(
+            IngressIndex::new(GatewayConfig::default(), ClassFilter::default()),
+            Arc::new(SnapshotCache::new(NodeGrouping::NodeId)),
+            Arc::new(Clients::default()),
+            Routes::default(),
+            LoadBalancerNames::default(),
+        ));
+        let runtime = Arc::new(FakeRuntime::default());
+        let serving = ServingController::new("example.com", ingress.clone(), runtime.clone());
+        (serving, runtime, ingress)
+    }
+
+    fn service(target: &str, traffic: &str) -> String {
+        format!(
+            "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {{name: hello, namespace: default}}\n\
+             spec:\n  template:\n    spec:\n      containers:\n      - image: x\n        command: [app]\n        \
+             env: [{{name: TARGET, value: {target}}}]\n{traffic}"
+        )
+    }
+
+    fn status_of(serving: &ServingController, kind: ServingKind, name: &str) -> serde_json::Value {
+        serving
+            .list(kind)
+            .into_iter()
+            .find(|o| o["metadata"]["name"] == name)
+            .map(|o| o["status"].clone())
+            .unwrap_or_default()
+    }
+
+    fn condition(status: &serde_json::Value, type_: &str) -> String {
+        status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .map(|c| {
+                format!(
+                    "{}/{}",
+                    c["status"].as_str().unwrap_or(""),
+                    c["reason"].as_str().unwrap_or("")
+                )
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn apply_says_created_configured_unchanged_and_bumps_the_generation_on_spec_changes_only() {
+        let (serving, ..) = controller();
+        let outcome =
+            |text: &str| serving.apply_manifest("hello.yaml", text, None).unwrap()[0].outcome;
+        assert_eq!(outcome(&service("a", "")), "created");
+        assert_eq!(outcome(&service("a", "")), "unchanged");
+        let labelled = service("a", "").replace(
+            "metadata: {name: hello, namespace: default}",
+            "metadata: {name: hello, namespace: default, labels: {team: x}}",
+        );
+        assert_eq!(outcome(&labelled), "configured");
+        assert_eq!(
+            serving
+                .lock()
+                .applied
+                .values()
+                .next()
+                .unwrap()
+                .meta()
+                .generation,
+            Some(1)
+        );
+        assert_eq!(outcome(&service("b", "")), "configured");
+        assert_eq!(
+            serving
+                .lock()
+                .applied
+                .values()
+                .next()
+                .unwrap()
+                .meta()
+                .generation,
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn apply_is_all_or_nothing_and_names_file_line_object_and_field() {
+        let (serving, ..) = controller();
+        let bad = service("a", "").replace(
+            "      - image: x\n",
+            "      - image: x\n        ports: [{containerPort: 8012}]\n",
+        );
+        let text = format!(
+            "{}\n---\n{}",
+            service("a", "").replace("name: hello", "name: other"),
+            bad
+        );
+        let errors = serving.apply_manifest("two.yaml", &text, None).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("two.yaml:"), "{}", errors[0]);
+        assert!(
+            errors[0].contains("Service default/hello")
+                && errors[0].contains("spec.template.spec.containers[0].ports[0].containerPort"),
+            "{}",
+            errors[0]
+        );
+        assert!(serving.lock().applied.is_empty(), "nothing applied");
+
+        let revision =
+            "apiVersion: serving.knative.dev/v1\nkind: Revision\nmetadata: {name: r-00001}\n\
+                        spec: {containers: [{image: x}]}\n";
+        let errors = serving
+            .apply_manifest("rev.yaml", revision, None)
+            .unwrap_err();
+        assert!(
+            errors[0].contains("apply a Service or a Configuration"),
+            "{errors:?}"
+        );
+        let other = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n";
+        let errors = serving.apply_manifest("cm.yaml", other, None).unwrap_err();
+        assert!(errors[0].contains("ConfigMap"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_service_runs_its_revision_and_routes_to_its_ready_pods() {
+        let (serving, runtime, ingress) = controller();
+        serving
+            .apply_manifest("h.yaml", &service("a", ""), None)
+            .unwrap();
+        assert!(!serving.reconcile());
+        assert_eq!(runtime.replicas("default/hello-00001"), Some(1));
+        let revision = status_of(&serving, ServingKind::Revision, "hello-00001");
+        assert_eq!(condition(&revision, "Ready"), "Unknown/Deploying");
+        // The route points at the only revision (not ready yet), so the KIngress exists.
+        assert_eq!(ingress.ingress_count(), 1);
+
+        runtime.set_pod("hello-00001", Phase::Ready, 40001);
+        serving.reconcile();
+        let revision = status_of(&serving, ServingKind::Revision, "hello-00001");
+        assert_eq!(condition(&revision, "Ready"), "True/");
+        assert_eq!(revision["actualReplicas"], 1);
+        let endpoints = serving
+            .lock()
+            .published
+            .get(&ObjectKey::new(Kind::Endpoints, "default", "hello-00001"))
+            .cloned()
+            .expect("endpoints published");
+        let Object::Endpoints(endpoints) = &*endpoints else {
+            panic!("not endpoints")
+        };
+        assert_eq!(endpoints.subsets[0].ports[0].port, 40001);
+        let service = status_of(&serving, ServingKind::Service, "hello");
+        assert_eq!(service["latestReadyRevisionName"], "hello-00001");
+        assert_eq!(service["url"], "http://hello.default.example.com");
+    }
+
+    #[test]
+    fn a_new_template_moves_traffic_once_ready_and_stops_the_old_revision() {
+        let (serving, runtime, _) = controller();
+        serving
+            .apply_manifest("h.yaml", &service("a", ""), None)
+            .unwrap();
+        runtime.set_pod("hello-00001", Phase::Ready, 40001);
+        serving.reconcile();
+        serving.reconcile();
+
+        serving
+            .apply_manifest("h.yaml", &service("b", ""), None)
+            .unwrap();
+        serving.reconcile();
+        assert_eq!(runtime.replicas("default/hello-00002"), Some(1));
+        // Not ready yet: traffic stays on hello-00001, which keeps running.
+        let status = status_of(&serving, ServingKind::Service, "hello");
+        assert_eq!(status["traffic"][0]["revisionName"], "hello-00001");
+        assert_eq!(runtime.replicas("default/hello-00001"), Some(1));
+
+        runtime.set_pod("hello-00002", Phase::Ready, 40002);
+        serving.reconcile();
+        serving.reconcile();
+        let status = status_of(&serving, ServingKind::Service, "hello");
+        assert_eq!(status["traffic"][0]["revisionName"], "hello-00002");
+        assert_eq!(status["latestCreatedRevisionName"], "hello-00002");
+        assert_eq!(
+            runtime.replicas("default/hello-00001"),
+            Some(0),
+            "nothing routes to it"
+        );
+
+        // A traffic-only change stamps no revision.
+        let pinned = service(
+            "b",
+            "  traffic:\n  - revisionName: hello-00001\n    percent: 100\n",
+        );
+        serving.apply_manifest("h.yaml", &pinned, None).unwrap();
+        serving.reconcile();
+        assert_eq!(serving.list(ServingKind::Revision).len(), 2);
+        assert_eq!(
+            runtime.replicas("default/hello-00001"),
+            Some(1),
+            "routed again"
+        );
+    }
+
+    #[test]
+    fn deleting_a_service_collects_its_revisions_and_everything_published() {
+        let (serving, runtime, ingress) = controller();
+        serving
+            .apply_manifest("h.yaml", &service("a", ""), None)
+            .unwrap();
+        runtime.set_pod("hello-00001", Phase::Ready, 40001);
+        serving.reconcile();
+        let key = ServingKey::new(ServingKind::Service, "default", "hello");
+        serving.delete(&key).unwrap();
+        serving.reconcile();
+        assert_eq!(runtime.replicas("default/hello-00001"), Some(0));
+        assert!(serving.list(ServingKind::Revision).is_empty());
+        assert!(serving.lock().published.is_empty());
+        assert_eq!(ingress.ingress_count(), 0);
+        assert_eq!(serving.delete(&key), Err(DeleteError::NotFound(key)));
+    }
+
+    #[test]
+    fn children_of_a_service_cannot_be_deleted_alone() {
+        let (serving, ..) = controller();
+        serving
+            .apply_manifest("h.yaml", &service("a", ""), None)
+            .unwrap();
+        serving.reconcile();
+        let route = ServingKey::new(ServingKind::Route, "default", "hello");
+        assert_eq!(
+            serving.delete(&route),
+            Err(DeleteError::Owned(route.clone(), "hello".into()))
+        );
+    }
+
+    #[test]
+    fn a_crashing_or_unrunnable_revision_is_not_ready_with_the_reason() {
+        let (serving, runtime, _) = controller();
+        serving
+            .apply_manifest("h.yaml", &service("a", ""), None)
+            .unwrap();
+        serving.reconcile();
+        runtime.set_pod("hello-00001", Phase::Failed, 40001);
+        serving.reconcile();
+        let revision = status_of(&serving, ServingKind::Revision, "hello-00001");
+        assert_eq!(condition(&revision, "ContainerHealthy"), "False/ExitCode");
+        assert_eq!(condition(&revision, "Ready"), "False/ExitCode");
+        let ksvc = status_of(&serving, ServingKind::Service, "hello");
+        assert_eq!(condition(&ksvc, "Ready"), "False/RevisionFailed");
+
+        let (serving, runtime, _) = controller();
+        *runtime.refuse.lock().unwrap() = Some("set command".into());
+        serving
+            .apply_manifest("h.yaml", &service("a", ""), None)
+            .unwrap();
+        // The runtime refuses during the first pass; its status shows from the next one.
+        assert!(!serving.reconcile());
+        serving.reconcile();
+        let revision = status_of(&serving, ServingKind::Revision, "hello-00001");
+        assert_eq!(condition(&revision, "Ready"), "False/CannotRun");
+        assert!(revision.to_string().contains("set command"), "{revision}");
+    }
+
+    #[test]
+    fn scale_annotations_set_how_many_pods_a_revision_runs() {
+        let revision = |annotations: &[(&str, &str)]| Revision {
+            metadata: ObjectMeta {
+                annotations: annotations
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(initial_scale(&revision(&[])), 1);
+        assert_eq!(
+            initial_scale(&revision(&[(INITIAL_SCALE_ANNOTATION, "3")])),
+            3
+        );
+        assert_eq!(initial_scale(&revision(&[(MIN_SCALE_ANNOTATION, "2")])), 2);
+        assert_eq!(
+            initial_scale(&revision(&[
+                (INITIAL_SCALE_ANNOTATION, "5"),
+                (MAX_SCALE_ANNOTATION, "2")
+            ])),
+            2
+        );
+        assert_eq!(
+            initial_scale(&revision(&[(INITIAL_SCALE_ANNOTATION, "0")])),
+            0
+        );
+    }
+
+    #[test]
+    fn working_dirs_resolve_against_the_manifest_folder() {
+        let mut object = ServingObject::Service(Service::default());
+        if let ServingObject::Service(s) = &mut object {
+            s.spec.template.spec.containers = vec![Default::default(), Default::default()];
+            s.spec.template.spec.containers[1].working_dir = "sub".into();
+        }
+        resolve_working_dirs(&mut object, Path::new("/srv/app"));
+        let ServingObject::Service(s) = object else {
+            unreachable!()
+        };
+        let dirs: Vec<&str> = s
+            .spec
+            .template
+            .spec
+            .containers
+            .iter()
+            .map(|c| c.working_dir.as_str())
+            .collect();
+        assert_eq!(dirs, ["/srv/app/", "/srv/app/sub"]);
+    }
+}
