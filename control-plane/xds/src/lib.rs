@@ -5,6 +5,7 @@
 //! stream by the sans-I/O machines in [`protocol`]. This crate knows Envoy's protos and gRPC, and
 //! nothing about Kubernetes or Knative objects.
 
+pub mod activator;
 pub mod metrics;
 pub mod protocol;
 pub mod resource;

@@ -15,11 +15,12 @@ use prost::Message;
 use xxhash_rust::xxh3::Xxh3;
 
 /// How many resource types there are.
-pub const COUNT: usize = 6;
+pub const COUNT: usize = 7;
 
 /// The resource types Knarr serves, in the order updates are pushed (make before break):
 /// clusters, then their endpoints, then the secrets listeners need, then listeners, then the
-/// routing scopes listeners use, then the route configurations listeners and scopes name.
+/// routing scopes listeners use, then the route configurations listeners and scopes name. Last,
+/// Knarr's own type for activators (`knarr.activator.v1.Revision`), which Envoy never asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceType {
     Cluster,
@@ -28,6 +29,7 @@ pub enum ResourceType {
     Listener,
     ScopedRoute,
     Route,
+    ActivatorRevision,
 }
 
 impl ResourceType {
@@ -39,6 +41,7 @@ impl ResourceType {
         ResourceType::Listener,
         ResourceType::ScopedRoute,
         ResourceType::Route,
+        ResourceType::ActivatorRevision,
     ];
 
     pub const fn type_url(self) -> &'static str {
@@ -55,6 +58,7 @@ impl ResourceType {
                 "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
             }
             ResourceType::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            ResourceType::ActivatorRevision => knarr_proto::activator::REVISION_TYPE_URL,
         }
     }
 
@@ -71,6 +75,7 @@ impl ResourceType {
             ResourceType::Listener => "LDS",
             ResourceType::ScopedRoute => "SRDS",
             ResourceType::Route => "RDS",
+            ResourceType::ActivatorRevision => "activator",
         }
     }
 
@@ -130,6 +135,19 @@ impl Resource {
         let version = message.content_version(&value);
         Arc::new(Resource {
             name: message.resource_name().to_owned(),
+            version,
+            ty: M::TYPE,
+            value,
+        })
+    }
+
+    /// [`Resource::new`] under another name than the message's own (activator revisions are
+    /// named `namespace/name`).
+    pub fn named<M: XdsResource>(name: String, message: &M) -> Arc<Resource> {
+        let value = message.encode_to_vec();
+        let version = message.content_version(&value);
+        Arc::new(Resource {
+            name,
             version,
             ty: M::TYPE,
             value,
@@ -217,6 +235,16 @@ impl XdsResource for Cluster {
         );
         take_metadata(&mut hasher, "md", &mut copy.metadata);
         finish(hasher, Self::TYPE, &copy)
+    }
+}
+
+/// What activators learn of a revision; named `namespace/name`.
+impl XdsResource for knarr_proto::activator::Revision {
+    const TYPE: ResourceType = ResourceType::ActivatorRevision;
+
+    /// Only the revision's name: build these with [`Resource::named`] and `namespace/name`.
+    fn resource_name(&self) -> &str {
+        &self.name
     }
 }
 

@@ -36,6 +36,9 @@ pub struct XdsServerConfig {
     pub keepalive_timeout: Duration,
     /// Large route tables go out as one message; gRPC's 4 MiB default is too small.
     pub max_message_bytes: usize,
+    /// When set, the `knarr.activator.v1.Autoscaler` service is served too, and activators'
+    /// stats go here.
+    pub activator_stats: Option<crate::activator::StatsSink>,
 }
 
 impl Default for XdsServerConfig {
@@ -44,6 +47,7 @@ impl Default for XdsServerConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 256 * 1024 * 1024,
+            activator_stats: None,
         }
     }
 }
@@ -232,12 +236,17 @@ impl XdsService {
         let service = AggregatedDiscoveryServiceServer::new(self)
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
+        let stats = config
+            .activator_stats
+            .clone()
+            .map(crate::activator::AutoscalerServer::new);
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .tcp_keepalive(Some(config.keepalive_interval))
             .tcp_nodelay(true)
             .add_service(service)
+            .add_optional_service(stats)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 stopped(&mut shutdown).await;
             })

@@ -104,6 +104,11 @@ fn names_of(resp: &DiscoveryResponse) -> Vec<String> {
                         .unwrap()
                         .name
                 }
+                ResourceType::ActivatorRevision => {
+                    knarr_proto::activator::Revision::decode(any.value.as_slice())
+                        .unwrap()
+                        .name
+                }
                 ResourceType::Secret | ResourceType::ScopedRoute => unreachable!(),
             },
         )
