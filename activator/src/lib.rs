@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod revisions;
 pub mod stats;
 pub mod throttler;
+pub mod xds_client;
 
 pub use app::Running;
 pub use config::Config;

@@ -4,6 +4,7 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use knarr_activator::config::{Config, ConfigError};
+use knarr_activator::xds_client::{self, ClientConfig};
 use knarr_activator::{stats_channel, Running};
 use knarr_proto::activator::RevisionStats;
 use tokio::sync::mpsc;
@@ -50,12 +51,21 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        // The control-plane client plugs in here: it applies revisions from `config.xds_addr`
-        // (as `config.node_id`) to `running.revisions` and streams `stats_rx` to the autoscaler.
-        if let Some(addr) = &config.xds_addr {
-            warn!(%addr, "no control-plane client yet: only static revisions are known");
+        // Revisions from the control plane, load back to it; without one, only the static
+        // revisions are known and stats are logged.
+        match &config.xds_addr {
+            Some(addr) => {
+                let client = ClientConfig {
+                    xds_addr: addr.clone(),
+                    node_id: config.node_id.clone(),
+                };
+                tokio::spawn(xds_client::run(client, running.revisions.clone(), stats_rx));
+            }
+            None => {
+                warn!("no --xds-addr: only static revisions are known");
+                tokio::spawn(log_stats(stats_rx));
+            }
         }
-        tokio::spawn(log_stats(stats_rx));
         let signal = wait_for_signal().await;
         info!(signal, "draining");
         running.drain_and_stop().await;
@@ -63,7 +73,7 @@ fn main() -> ExitCode {
     })
 }
 
-/// Until stats have somewhere to go, they are logged (at debug).
+/// Without a control plane, stats are only logged (at debug).
 async fn log_stats(mut stats: mpsc::Receiver<RevisionStats>) {
     while let Some(s) = stats.recv().await {
         debug!(
