@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use knarr_model::{Kind, ObjectKey};
 use knarr_translate::reconcile::IngressIndex;
-use knarr_xds::{Clients, SnapshotBuilder, SnapshotCache};
+use knarr_xds::{Clients, Resource, ResourceType, SnapshotBuilder, SnapshotCache};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -60,6 +60,8 @@ pub struct IngressController {
     probes: Option<Arc<ProbeResults>>,
     /// Ingresses whose current version is not confirmed by probing yet.
     probe_pending: Mutex<std::collections::BTreeSet<ObjectKey>>,
+    /// What activators follow (`knarr.activator.v1.Revision`), published with the ingresses.
+    activator_revisions: Mutex<BTreeMap<String, Arc<Resource>>>,
 }
 
 impl IngressController {
@@ -80,6 +82,7 @@ impl IngressController {
             names,
             probes: None,
             probe_pending: Mutex::new(Default::default()),
+            activator_revisions: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -185,6 +188,7 @@ impl IngressController {
             .clients
             .list()
             .into_iter()
+            .filter(|c| !c.is_activator())
             .filter_map(|c| c.peer.map(|p| p.ip()))
             .collect();
         ips.sort();
@@ -241,14 +245,50 @@ impl IngressController {
         );
     }
 
-    /// The index's snapshot plus any static routes.
+    /// The index's snapshot plus any static routes and activator revisions.
     fn compose(&self, index: &IngressIndex) -> knarr_xds::Snapshot {
-        if self.statics.gateways.is_empty() && self.statics.backends.is_empty() {
+        let activator = self.activator_revisions.lock().unwrap();
+        if self.statics.gateways.is_empty()
+            && self.statics.backends.is_empty()
+            && activator.is_empty()
+        {
             return index.snapshot();
         }
         let mut builder: SnapshotBuilder = index.snapshot().to_builder();
         knarr_translate::add_to(&mut builder, &self.statics.gateways, &self.statics.backends);
+        for resource in activator.values() {
+            builder.insert_resource(ResourceType::ActivatorRevision, resource.clone());
+        }
         builder.build()
+    }
+
+    /// Replaces what activators follow, publishing if it changed.
+    pub fn set_activator_revisions(&self, revisions: BTreeMap<String, Arc<Resource>>) {
+        {
+            let mut current = self.activator_revisions.lock().unwrap();
+            if *current == revisions {
+                return;
+            }
+            *current = revisions;
+        }
+        self.publish();
+    }
+
+    /// Whether every connected gateway holds the current endpoints of every cluster of the
+    /// Service `namespace/service`; `None` without a gateway or without such a cluster.
+    pub fn endpoints_acked(&self, namespace: &str, service: &str) -> Option<bool> {
+        let snapshot = self.cache.get(knarr_xds::DEFAULT_GROUP)?;
+        let prefix = format!("{namespace}/{service}:");
+        let wanted: Vec<(ResourceType, &str, &str)> = snapshot
+            .resources(ResourceType::Endpoint)
+            .iter()
+            .filter(|(name, _)| name.starts_with(&prefix))
+            .map(|(name, r)| (ResourceType::Endpoint, name.as_str(), r.version.as_str()))
+            .collect();
+        if wanted.is_empty() {
+            return None;
+        }
+        self.clients.all_hold(&wanted)
     }
 
     /// Publishes the current state (used at startup, even with nothing loaded).

@@ -9,10 +9,19 @@
 //! names are history).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use knarr_autoscaler::{
+    AutoscalerConfig, RevisionAutoscaler, RevisionScaling, Sample, ServeMode, Tick, TickInput,
+};
 use knarr_model::serving::{
     condition_status, parse_serving_documents, Condition, ConditionStatus, Configuration, Revision,
     RevisionStatus, Route, RouteStatus, Service, ServingDocument, ServingKey, ServingKind,
@@ -23,13 +32,19 @@ use knarr_model::{
     Document, EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Ingress, IntOrString, Kind,
     Object, ObjectKey, ObjectMeta, Service as K8sService, ServicePort, ServiceSpec,
 };
+use knarr_proto::activator::{
+    Endpoint as ActivatorEndpoint, Revision as ActivatorRevision, RevisionStats,
+};
+use knarr_proto::Stat;
 use knarr_runtime::{Phase, PodStatus, RevisionRef, Runtime};
 use knarr_translate::serving::{
     configuration_revision, configuration_status, latest_created_revision, route_status,
     route_to_ingress, service_status, service_to_children, REVISION_H2C_PORT, REVISION_HTTP_PORT,
 };
+use knarr_xds::Resource;
+use prost::Message as _;
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::file_source::{Batch, Change};
@@ -97,6 +112,24 @@ const STEADY_POLL: Duration = Duration::from_secs(1);
 /// pod serves both on its one serving port, which the Endpoints name.
 const QUEUE_HTTP_PORT: i64 = 8012;
 const QUEUE_H2C_PORT: i64 = 8013;
+/// How often each ready pod's queue-proxy is read, and how long a read may take.
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
+const SCRAPE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// One pod's `Stat` from its queue-proxy's metrics port.
+async fn scrape_one(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    addr: SocketAddr,
+) -> anyhow::Result<Stat> {
+    let uri: http::Uri = format!("http://{addr}/metrics").parse()?;
+    let response = tokio::time::timeout(SCRAPE_TIMEOUT, client.get(uri)).await??;
+    anyhow::ensure!(response.status().is_success(), "{}", response.status());
+    let body = tokio::time::timeout(SCRAPE_TIMEOUT, response.into_body().collect())
+        .await??
+        .to_bytes();
+    Ok(Stat::decode(body)?)
+}
+
 /// Labels the revision's Kubernetes Service and Endpoints with their Revision.
 const REVISION_LABEL: &str = "serving.knative.dev/revision";
 
@@ -105,6 +138,12 @@ pub struct ServingController {
     domain: String,
     ingress: Arc<IngressController>,
     runtime: Arc<dyn Runtime>,
+    /// With autoscaling (`knarr up`'s default): Knative's KPA decides each revision's pods and
+    /// whether the gateway goes to them or through the activators. Without, a routed revision
+    /// runs its initial scale and is always served directly.
+    autoscaling: Option<AutoscalerConfig>,
+    /// Where the activators listen (set once they are up).
+    activators: Mutex<Vec<SocketAddr>>,
     state: Mutex<State>,
     /// Wakes the loop after an apply or delete.
     wake: Notify,
@@ -140,6 +179,18 @@ struct State {
     conflicts: BTreeMap<ServingKey, String>,
     /// What the last pass computed: every object with its status.
     view: View,
+    /// The autoscaler of each revision (with autoscaling on).
+    scalers: BTreeMap<ServingKey, Scaler>,
+}
+
+/// One revision's autoscaler and what it last decided.
+struct Scaler {
+    autoscaler: RevisionAutoscaler,
+    last: Option<(Instant, Tick)>,
+    /// An activator poked: tick now rather than at the next interval.
+    poked: bool,
+    /// Since when every gateway holds the endpoints that point at the activators.
+    proxy_since: Option<Instant>,
 }
 
 #[derive(Default, Clone, PartialEq)]
@@ -158,10 +209,32 @@ impl ServingController {
         ingress: Arc<IngressController>,
         runtime: Arc<dyn Runtime>,
     ) -> Arc<Self> {
+        Self::build(domain.into(), ingress, runtime, None)
+    }
+
+    /// With Knative's KPA autoscaler configured by `config` (and the activators, once they
+    /// are known: [`ServingController::set_activators`]).
+    pub fn with_autoscaling(
+        domain: impl Into<String>,
+        ingress: Arc<IngressController>,
+        runtime: Arc<dyn Runtime>,
+        config: AutoscalerConfig,
+    ) -> Arc<Self> {
+        Self::build(domain.into(), ingress, runtime, Some(config))
+    }
+
+    fn build(
+        domain: String,
+        ingress: Arc<IngressController>,
+        runtime: Arc<dyn Runtime>,
+        autoscaling: Option<AutoscalerConfig>,
+    ) -> Arc<Self> {
         Arc::new(ServingController {
-            domain: domain.into(),
+            domain,
             ingress,
             runtime,
+            autoscaling,
+            activators: Mutex::new(Vec::new()),
             state: Mutex::default(),
             wake: Notify::new(),
             changes: watch::Sender::new(0),
@@ -473,6 +546,98 @@ impl ServingController {
         self.changes.subscribe()
     }
 
+    /// Where the activators listen: proxy-mode endpoints point there.
+    pub fn set_activators(&self, activators: Vec<SocketAddr>) {
+        *self
+            .activators
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = activators;
+        self.wake.notify_one();
+    }
+
+    /// One report from an activator: load for the revision's autoscaler; a poke ticks it at
+    /// once (scale from zero starts now, not at the next tick).
+    pub fn record_activator_stats(&self, stats: &RevisionStats) {
+        let key = ServingKey::new(ServingKind::Revision, &stats.namespace, &stats.revision);
+        let mut state = self.lock();
+        let Some(scaler) = state.scalers.get_mut(&key) else {
+            return;
+        };
+        let now = Instant::now();
+        if stats.poke {
+            scaler.autoscaler.record(now, Sample::POKE);
+            scaler.poked = true;
+            drop(state);
+            debug!(revision = %key, "poked by an activator");
+            self.wake.notify_one();
+        } else {
+            scaler.autoscaler.record(
+                now,
+                Sample::from_activator(stats.average_concurrency, stats.request_count),
+            );
+        }
+    }
+
+    /// Feeds activators' reports to the autoscalers until the channel closes.
+    pub async fn follow_activator_stats(self: Arc<Self>, mut stats: mpsc::Receiver<RevisionStats>) {
+        while let Some(report) = stats.recv().await {
+            self.record_activator_stats(&report);
+        }
+    }
+
+    /// Every second, reads each ready pod's queue-proxy `Stat` and records it, until `shutdown`.
+    pub async fn scrape(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let mut interval = tokio::time::interval(SCRAPE_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                () = knarr_xds::server::stopped(&mut shutdown) => return,
+            }
+            let targets: Vec<(ServingKey, SocketAddr)> = {
+                let state = self.lock();
+                state
+                    .view
+                    .pods
+                    .iter()
+                    .filter(|(key, _)| state.scalers.contains_key(*key))
+                    .flat_map(|(key, pods)| {
+                        pods.iter()
+                            .filter(|p| p.phase == Phase::Ready)
+                            .filter_map(|p| p.metrics_address.map(|a| (key.clone(), a)))
+                    })
+                    .collect()
+            };
+            let reads = targets.into_iter().map(|(key, addr)| {
+                let client = client.clone();
+                async move { (key, scrape_one(&client, addr).await) }
+            });
+            let results = futures::future::join_all(reads).await;
+            let now = Instant::now();
+            let mut state = self.lock();
+            for (key, result) in results {
+                match result {
+                    Ok(stat) => {
+                        if let Some(scaler) = state.scalers.get_mut(&key) {
+                            scaler.autoscaler.record(
+                                now,
+                                Sample::from_queue_proxy(
+                                    stat.average_concurrent_requests,
+                                    stat.average_proxied_concurrent_requests,
+                                    stat.request_count,
+                                    stat.proxied_request_count,
+                                ),
+                            );
+                        }
+                    }
+                    Err(e) => debug!(revision = %key, error = %e, "scrape failed"),
+                }
+            }
+        }
+    }
+
     /// Reconciles on every change (applies, pods, the gateway's ACKs) until `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut pods = self.runtime.subscribe();
@@ -638,13 +803,47 @@ impl ServingController {
                 wanted.insert(revision_key(latest));
             }
         }
-        for revision in &revisions {
+        let now = Instant::now();
+        let activators = self
+            .activators
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let ready_count = |key: &ServingKey| {
+            pods.get(key)
+                .map_or(0, |p| p.iter().filter(|p| p.phase == Phase::Ready).count())
+        };
+        state.scalers.retain(|k, _| state.revisions.contains_key(k));
+        let mut modes: BTreeMap<ServingKey, ServeMode> = BTreeMap::new();
+        for revision in &mut revisions {
             let key = revision_key(revision);
-            let replicas = if wanted.contains(&key) {
-                initial_scale(revision)
-            } else {
-                0
+            let reachable = wanted.contains(&key);
+            let (replicas, mode) = match &self.autoscaling {
+                None => (
+                    if reachable {
+                        initial_scale(revision)
+                    } else {
+                        0
+                    },
+                    ServeMode::Serve,
+                ),
+                Some(config) => {
+                    let scaler = state
+                        .scalers
+                        .entry(key.clone())
+                        .or_insert_with(|| Scaler::new(revision, config, now));
+                    let tick = scaler.tick(now, config, ready_count(&key), reachable);
+                    if let Some(status) = &mut revision.status {
+                        status.in_panic = Some(tick.in_panic);
+                    }
+                    (tick.desired_pods, tick.mode)
+                }
             };
+            modes.insert(key.clone(), mode);
+            if let Some(status) = &mut revision.status {
+                status.desired_replicas = Some(replicas as i64);
+                status.serving_mode = Some(format!("{mode:?}"));
+            }
             if state.scaled.get(&key) == Some(&replicas) {
                 continue;
             }
@@ -669,13 +868,34 @@ impl ServingController {
             }
         }
 
+        // What activators follow: every revision's settings and ready pods.
+        if self.autoscaling.is_some() {
+            let table = revisions
+                .iter()
+                .map(|r| {
+                    let key = revision_key(r);
+                    let list = pods.get(&key).map(Vec::as_slice).unwrap_or_default();
+                    let name = format!("{}/{}", key.namespace, key.name);
+                    (
+                        name.clone(),
+                        Resource::named(name, &activator_revision(r, list)),
+                    )
+                })
+                .collect();
+            self.ingress.set_activator_revisions(table);
+        }
+
         // What the gateway needs: each revision's Service and Endpoints (its ready pods), and
         // each Route's KIngress.
         let mut desired: BTreeMap<ObjectKey, Arc<Object>> = BTreeMap::new();
         for revision in &revisions {
             let key = revision_key(revision);
             let list = pods.get(&key).map(Vec::as_slice).unwrap_or_default();
-            for object in revision_backend(revision, list) {
+            let targets = match modes.get(&key) {
+                Some(ServeMode::Proxy) => Targets::Activators(activator_subset(&key, &activators)),
+                _ => Targets::Pods(list),
+            };
+            for object in revision_backend(revision, targets) {
                 desired.insert(object.key(), Arc::new(object));
             }
         }
@@ -700,6 +920,25 @@ impl ServingController {
                 ..Default::default()
             });
             state.published = desired;
+        }
+
+        // Proxy mode counts from when every gateway holds the endpoints that point at the
+        // activators (a revision nothing routes to has no such endpoints to wait for).
+        for (key, scaler) in &mut state.scalers {
+            if modes.get(key) != Some(&ServeMode::Proxy) {
+                scaler.proxy_since = None;
+                continue;
+            }
+            if scaler.proxy_since.is_none() && !activators.is_empty() {
+                let held = match self.ingress.endpoints_acked(&key.namespace, &key.name) {
+                    Some(held) => held,
+                    None => !wanted.contains(key),
+                };
+                if held {
+                    debug!(revision = %key.name, "activators in the path");
+                    scaler.proxy_since = Some(now);
+                }
+            }
         }
 
         // Statuses.
@@ -969,12 +1208,22 @@ fn revision_status(
         conditions: vec![active, health, ready, resources],
         actual_replicas: Some(ready_pods as i64),
         desired_replicas: desired.map(|d| d as i64),
+        serving_mode: None,
+        in_panic: None,
     }
 }
 
+/// Where a revision's endpoints point.
+enum Targets<'a> {
+    /// Its ready pods (serve mode).
+    Pods(&'a [PodStatus]),
+    /// The activators (proxy mode).
+    Activators(Vec<SocketAddr>),
+}
+
 /// The Kubernetes Service and Endpoints a revision's KIngress splits point at: ports 80 (HTTP)
-/// and 81 (h2c) to the queue-proxy, and one endpoint per ready pod.
-fn revision_backend(revision: &Revision, pods: &[PodStatus]) -> [Object; 2] {
+/// and 81 (h2c), and one endpoint per ready pod — or per activator in proxy mode.
+fn revision_backend(revision: &Revision, targets: Targets<'_>) -> [Object; 2] {
     let meta = ObjectMeta {
         name: revision.metadata.name.clone(),
         namespace: revision.metadata.namespace.clone(),
@@ -1003,19 +1252,26 @@ fn revision_backend(revision: &Revision, pods: &[PodStatus]) -> [Object; 2] {
             ..Default::default()
         },
     };
-    let subsets = pods
+    let addresses: Vec<SocketAddr> = match targets {
+        Targets::Pods(pods) => pods
+            .iter()
+            .filter(|p| p.phase == Phase::Ready)
+            .map(|p| p.address)
+            .collect(),
+        Targets::Activators(activators) => activators,
+    };
+    let subsets = addresses
         .iter()
-        .filter(|p| p.phase == Phase::Ready)
-        .map(|p| EndpointSubset {
+        .map(|address| EndpointSubset {
             addresses: vec![EndpointAddress {
-                ip: p.address.ip().to_string(),
+                ip: address.ip().to_string(),
             }],
             not_ready_addresses: Vec::new(),
             ports: ["http", "http2"]
                 .into_iter()
                 .map(|name| EndpointPort {
                     name: name.to_owned(),
-                    port: i64::from(p.address.port()),
+                    port: i64::from(address.port()),
                     protocol: "TCP".to_owned(),
                 })
                 .collect(),
@@ -1028,6 +1284,105 @@ fn revision_backend(revision: &Revision, pods: &[PodStatus]) -> [Object; 2] {
             subsets,
         }),
     ]
+}
+
+/// How many activators one revision is spread over (Knative subsets activators per revision
+/// so that each keeps a useful view of its pods).
+const ACTIVATOR_SUBSET: usize = 3;
+
+/// A stable subset of the activators for `revision`: the [`ACTIVATOR_SUBSET`] with the highest
+/// rendezvous hash of (revision, activator), so adding or removing an activator moves only the
+/// revisions that used it.
+fn activator_subset(revision: &ServingKey, activators: &[SocketAddr]) -> Vec<SocketAddr> {
+    if activators.len() <= ACTIVATOR_SUBSET {
+        return activators.to_vec();
+    }
+    let mut ranked: Vec<(u64, SocketAddr)> = activators
+        .iter()
+        .map(|a| {
+            let seed = format!("{}/{}|{a}", revision.namespace, revision.name);
+            (xxhash_rust::xxh3::xxh3_64(seed.as_bytes()), *a)
+        })
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    let mut subset: Vec<SocketAddr> = ranked
+        .into_iter()
+        .take(ACTIVATOR_SUBSET)
+        .map(|(_, a)| a)
+        .collect();
+    subset.sort_unstable();
+    subset
+}
+
+/// What an activator needs of a revision: its limits and its ready pods.
+fn activator_revision(revision: &Revision, pods: &[PodStatus]) -> ActivatorRevision {
+    let spec = &revision.spec;
+    let mut endpoints: Vec<ActivatorEndpoint> = pods
+        .iter()
+        .filter(|p| p.phase == Phase::Ready)
+        .map(|p| ActivatorEndpoint {
+            address: p.address.ip().to_string(),
+            port: u32::from(p.address.port()),
+        })
+        .collect();
+    endpoints.sort();
+    ActivatorRevision {
+        namespace: revision.metadata.namespace.clone(),
+        name: revision.metadata.name.clone(),
+        container_concurrency: spec.container_concurrency(),
+        timeout_seconds: spec.timeout_seconds(),
+        response_start_timeout_seconds: spec.response_start_timeout_seconds.unwrap_or(0),
+        idle_timeout_seconds: spec.idle_timeout_seconds.unwrap_or(0),
+        endpoints,
+    }
+}
+
+impl Scaler {
+    fn new(revision: &Revision, config: &AutoscalerConfig, now: Instant) -> Scaler {
+        let scaling = RevisionScaling::from_annotations(
+            &revision.metadata.annotations,
+            revision.spec.container_concurrency(),
+            config,
+        )
+        .unwrap_or_else(|e| {
+            warn!(revision = %revision.metadata.name, error = %e, "autoscaling annotations ignored");
+            RevisionScaling::from_annotations(&BTreeMap::new(), revision.spec.container_concurrency(), config)
+                .expect("the defaults are valid")
+        });
+        Scaler {
+            autoscaler: RevisionAutoscaler::new(scaling, now),
+            last: None,
+            poked: false,
+            proxy_since: None,
+        }
+    }
+
+    /// The autoscaler's decision: a new one every tick interval (or at once after a poke),
+    /// otherwise the last one.
+    fn tick(
+        &mut self,
+        now: Instant,
+        config: &AutoscalerConfig,
+        ready_pods: usize,
+        reachable: bool,
+    ) -> Tick {
+        if let Some((at, tick)) = &self.last {
+            if !self.poked && now.duration_since(*at) < config.tick_interval {
+                return tick.clone();
+            }
+        }
+        self.poked = false;
+        let tick = self.autoscaler.tick(
+            now,
+            TickInput {
+                ready_pods,
+                reachable,
+                proxy_since: self.proxy_since,
+            },
+        );
+        self.last = Some((now, tick.clone()));
+        tick
+    }
 }
 
 /// Why `knarr delete` refused.
@@ -1089,6 +1444,7 @@ mod tests {
                 name: format!("{revision}-pod-1"),
                 phase,
                 address: SocketAddr::from(([127, 0, 0, 1], port)),
+                metrics_address: None,
                 restarts: 0,
                 last_error: (phase == Phase::Failed).then(|| "exit status: 3".to_owned()),
                 log_path: "/dev/null".into(),
@@ -1101,8 +1457,6 @@ mod tests {
                 .insert(format!("default/{revision}"), vec![pod]);
         }
     }
-
-    use std::net::SocketAddr;
 
     impl Runtime for FakeRuntime {
         fn scale(&self, revision: &RevisionRef, replicas: usize) -> Result<(), RuntimeError> {

@@ -443,6 +443,13 @@ pub struct RevisionStatus {
     pub actual_replicas: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_replicas: Option<i64>,
+    /// Knarr: where the gateway sends the revision's requests, `Serve` (its pods) or `Proxy`
+    /// (the activator) — Knative's ServerlessService mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_mode: Option<String>,
+    /// Knarr: whether the autoscaler is in panic mode (Knative's PodAutoscaler status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_panic: Option<bool>,
 }
 
 // ---- accessors -----------------------------------------------------------------------------

@@ -115,6 +115,8 @@ pub struct PodStatus {
     pub phase: Phase,
     /// The queue-proxy's serving address: what the revision's endpoints point at.
     pub address: SocketAddr,
+    /// Where its queue-proxy serves the autoscaler's `Stat` (`:9090/metrics` on Kubernetes).
+    pub metrics_address: Option<SocketAddr>,
     /// How many times the pod was restarted after a crash.
     pub restarts: u32,
     /// Why the pod last crashed (exit status and the last log line), kept after it recovers.

@@ -275,6 +275,7 @@ impl Runtime for LocalRuntime {
                             name: name.clone(),
                             phase: Phase::Starting,
                             address: SocketAddr::new(bind, picked.serving),
+                            metrics_address: Some(SocketAddr::new(bind, picked.metrics)),
                             restarts: 0,
                             last_error: None,
                             log_path: log_path.clone(),

@@ -85,6 +85,13 @@ pub struct ClientStatus {
     pub synced_generation: Option<u64>,
 }
 
+impl ClientStatus {
+    /// A `knarr-activator` (node cluster `knarr-activator`), not a gateway Envoy.
+    pub fn is_activator(&self) -> bool {
+        self.node_cluster == knarr_proto::activator::ACTIVATOR_NODE_CLUSTER
+    }
+}
+
 /// What one Envoy holds, per type: resource name → version it ACKed.
 /// Kept as hashes (name → version), not strings: this is per Envoy and per resource, and only
 /// ever compared.
@@ -173,10 +180,18 @@ impl Clients {
     }
 
     /// Whether every connected Envoy has ACKed each of `wanted` (type, name, version).
-    /// `None` when no Envoy is connected.
+    /// `None` when no Envoy is connected. Activators (which follow only their own type) are not
+    /// gateways and do not count.
     pub fn all_hold(&self, wanted: &[(ResourceType, &str, &str)]) -> Option<bool> {
         let holdings = self.holdings.lock().unwrap();
-        let connected: Vec<u64> = self.by_stream.lock().unwrap().keys().copied().collect();
+        let connected: Vec<u64> = self
+            .by_stream
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, c)| !c.is_activator())
+            .map(|(id, _)| *id)
+            .collect();
         if connected.is_empty() {
             return None;
         }
