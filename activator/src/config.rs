@@ -32,6 +32,9 @@ pub struct Config {
     pub drain_quiet_period: Duration,
     /// Revisions known from the start, without a control plane (tests, local experiments).
     pub static_revisions: Vec<Revision>,
+    /// Once listening, the bound request address is written here (for a parent that started
+    /// it on port 0, as `knarr up` does).
+    pub address_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -45,6 +48,7 @@ impl Default for Config {
             queue_depth: DEFAULT_QUEUE_DEPTH,
             drain_quiet_period: DEFAULT_DRAIN_QUIET_PERIOD,
             static_revisions: Vec::new(),
+            address_file: None,
         }
     }
 }
@@ -103,6 +107,9 @@ struct Args {
     /// `NAMESPACE/NAME[,cc=N][,timeout=SECONDS][,endpoint=IP:PORT]...`
     #[arg(long = "static-revision", value_name = "SPEC")]
     static_revisions: Vec<String>,
+    /// Write the bound request address (`IP:PORT`) to this file once listening.
+    #[arg(long, env = "KNARR_ACTIVATOR_ADDRESS_FILE", value_name = "PATH")]
+    address_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -154,6 +161,7 @@ impl Config {
             queue_depth: args.queue_depth,
             drain_quiet_period: Duration::from_secs_f64(quiet),
             static_revisions,
+            address_file: args.address_file,
         })
     }
 }

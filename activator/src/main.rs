@@ -51,6 +51,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+        if let Some(path) = &config.address_file {
+            // Written whole, then renamed: a reader never sees half an address.
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::write(&tmp, running.listen_addr.to_string())
+                .and_then(|()| std::fs::rename(&tmp, path));
+            if let Err(e) = written {
+                eprintln!("knarr-activator: cannot write {}: {e}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
         // Revisions from the control plane, load back to it; without one, only the static
         // revisions are known and stats are logged.
         match &config.xds_addr {

@@ -23,6 +23,7 @@ use crate::ingress_controller::IngressController;
 use crate::routes_file::Routes;
 use crate::serving_controller::ServingController;
 use crate::status::LoadBalancerNames;
+use knarr_autoscaler::AutoscalerConfig;
 use knarr_model::Kind;
 use knarr_runtime::Runtime;
 
@@ -91,17 +92,32 @@ impl ControlPlane {
 
     /// [`start`](Self::start), plus Knative Services: serving objects in the sources (and
     /// applied through the API) run as revisions on `runtime`, routed under `domain`.
+    ///
+    /// With `autoscaling`, Knative's KPA scales each revision and activators (which connect to
+    /// the xDS port; see [`ServingController::set_activators`]) stand in for revisions without
+    /// capacity; without, routed revisions run their initial scale.
     pub async fn start_with_services(
-        config: ServeConfig,
+        mut config: ServeConfig,
         domain: &str,
         runtime: Arc<dyn Runtime>,
+        autoscaling: Option<AutoscalerConfig>,
     ) -> anyhow::Result<ControlPlane> {
-        Self::start_sources(config, Some((domain, runtime))).await
+        let stats = autoscaling.as_ref().map(|_| {
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            config.xds.activator_stats = Some(tx);
+            rx
+        });
+        let mut cp = Self::start_sources(config, Some((domain, runtime, autoscaling))).await?;
+        if let (Some(rx), Some(serving)) = (stats, cp.serving.clone()) {
+            cp.tasks.spawn(serving.clone().follow_activator_stats(rx));
+            cp.tasks.spawn(serving.scrape(cp.shutdown.subscribe()));
+        }
+        Ok(cp)
     }
 
     async fn start_sources(
         config: ServeConfig,
-        services: Option<(&str, Arc<dyn Runtime>)>,
+        services: Option<(&str, Arc<dyn Runtime>, Option<AutoscalerConfig>)>,
     ) -> anyhow::Result<ControlPlane> {
         for dir in &config.source_dirs {
             if !dir.is_dir() {
@@ -136,8 +152,12 @@ impl ControlPlane {
         if services.is_some() {
             source = source.with_serving();
         }
-        let serving = services
-            .map(|(domain, runtime)| ServingController::new(domain, controller.clone(), runtime));
+        let serving = services.map(|(domain, runtime, autoscaling)| match autoscaling {
+            Some(config) => {
+                ServingController::with_autoscaling(domain, controller.clone(), runtime, config)
+            }
+            None => ServingController::new(domain, controller.clone(), runtime),
+        });
         let initial = source.load();
         crate::ingress_controller::log_load(&initial);
         match &serving {

@@ -1368,7 +1368,7 @@ impl Scaler {
     ) -> Tick {
         if let Some((at, tick)) = &self.last {
             if !self.poked && now.duration_since(*at) < config.tick_interval {
-                return tick.clone();
+                return *tick;
             }
         }
         self.poked = false;
@@ -1380,7 +1380,7 @@ impl Scaler {
                 proxy_since: self.proxy_since,
             },
         );
-        self.last = Some((now, tick.clone()));
+        self.last = Some((now, tick));
         tick
     }
 }

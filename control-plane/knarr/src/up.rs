@@ -15,9 +15,10 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
+use knarr_autoscaler::AutoscalerConfig;
 use knarr_runtime::{LocalConfig, LocalRuntime};
 use knarr_translate::kingress::GatewayConfig;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tracing::{info, warn};
 
 use crate::bootstrap::{self, BootstrapOptions};
@@ -86,6 +87,13 @@ pub struct UpArgs {
     /// exits (Knative waits 30 s; Envoy here learns of the change in milliseconds).
     #[arg(long, default_value_t = 1.0)]
     pub drain_seconds: f64,
+    /// Knative's `config-autoscaler` settings: a YAML map of its keys (or the ConfigMap itself),
+    /// e.g. `stable-window: 6s`, `scale-to-zero-grace-period: 10s`.
+    #[arg(long, value_name = "FILE")]
+    pub autoscaler_config: Option<PathBuf>,
+    /// Keep every routed revision at its initial scale: no autoscaling, no activator.
+    #[arg(long)]
+    pub no_autoscaling: bool,
 }
 
 /// Runs `knarr up` until Ctrl-C or SIGTERM.
@@ -122,6 +130,8 @@ struct Setup {
     args: UpArgs,
     envoy: PathBuf,
     queue_proxy: PathBuf,
+    /// With autoscaling: the activator binary and Knative's autoscaler settings.
+    activator: Option<(PathBuf, AutoscalerConfig)>,
     state_dir: PathBuf,
 }
 
@@ -135,7 +145,25 @@ impl Setup {
         if !(args.drain_seconds >= 0.0 && args.drain_seconds <= 3600.0) {
             bail!("--drain-seconds {}: expected 0 to 3600", args.drain_seconds);
         }
-        let queue_proxy = queue_proxy_binary()?;
+        let queue_proxy = sibling_binary(
+            "knarr-queue-proxy",
+            "KNARR_QUEUE_PROXY",
+            "it runs in front of every pod",
+        )?;
+        let activator = if args.no_autoscaling {
+            None
+        } else {
+            let config = match &args.autoscaler_config {
+                Some(path) => load_autoscaler_config(path)?,
+                None => AutoscalerConfig::default(),
+            };
+            let binary = sibling_binary(
+                "knarr-activator",
+                "KNARR_ACTIVATOR",
+                "it holds requests for revisions scaled to zero",
+            )?;
+            Some((binary, config))
+        };
         let envoy = envoy_binary()?;
         let state_dir = match &args.state_dir {
             Some(dir) => dir.clone(),
@@ -148,6 +176,7 @@ impl Setup {
             args,
             envoy,
             queue_proxy,
+            activator,
             state_dir,
         })
     }
@@ -159,6 +188,7 @@ async fn up(setup: Setup) -> ExitCode {
         args,
         envoy,
         queue_proxy,
+        activator,
         state_dir,
     } = setup;
     let (mut source_dirs, mut files) = (Vec::new(), Vec::new());
@@ -189,38 +219,72 @@ async fn up(setup: Setup) -> ExitCode {
     let mut local = LocalConfig::new(&queue_proxy, state_dir.join("pods"));
     local.drain_quiet_period = Duration::from_secs_f64(args.drain_seconds);
     let runtime = LocalRuntime::new(local);
-    let control_plane =
-        match ControlPlane::start_with_services(config, &args.domain, runtime.clone()).await {
-            Ok(cp) => cp,
-            Err(e) => {
-                esay!("knarr up: {e:#}");
-                runtime.shutdown().await;
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        };
+    let autoscaling = activator.as_ref().map(|(_, config)| config.clone());
+    let started =
+        ControlPlane::start_with_services(config, &args.domain, runtime.clone(), autoscaling).await;
+    let control_plane = match started {
+        Ok(cp) => cp,
+        Err(e) => {
+            esay!("knarr up: {e:#}");
+            runtime.shutdown().await;
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let serving = control_plane
         .serving
         .clone()
         .expect("started with services");
 
-    let mut envoy = match Gateway::start(&envoy, &state_dir, control_plane.xds_addr).await {
-        Ok(envoy) => envoy,
-        Err(e) => {
-            esay!("knarr up: {e:#}");
-            runtime.shutdown().await;
-            control_plane.shutdown(Duration::from_secs(2)).await;
-            return ExitCode::FAILURE;
+    let mut activator = match &activator {
+        None => None,
+        Some((binary, _)) => {
+            let started = Child::start_activator(
+                binary,
+                &state_dir,
+                control_plane.xds_addr,
+                args.drain_seconds,
+            )
+            .await;
+            match started {
+                Ok((child, addr)) => {
+                    serving.set_activators(vec![addr]);
+                    Some((child, addr))
+                }
+                Err(e) => {
+                    esay!("knarr up: {e:#}");
+                    runtime.shutdown().await;
+                    control_plane.shutdown(Duration::from_secs(2)).await;
+                    return ExitCode::FAILURE;
+                }
+            }
         }
     };
-    let ports = match envoy.listener_ports(&args).await {
-        Ok(ports) => ports,
+
+    let gateway = match Child::start_envoy(&envoy, &state_dir, control_plane.xds_addr).await {
+        Ok(gateway) => Some(gateway),
         Err(e) => {
             esay!("knarr up: {e:#}");
-            envoy.stop().await;
-            runtime.shutdown().await;
-            control_plane.shutdown(Duration::from_secs(2)).await;
-            return ExitCode::FAILURE;
+            None
         }
+    };
+    let ports = match gateway {
+        Some((mut envoy, admin)) => match listener_ports(&mut envoy, admin, &args).await {
+            Ok(ports) => Some((envoy, admin, ports)),
+            Err(e) => {
+                esay!("knarr up: {e:#}");
+                envoy.stop(ENVOY_STOP).await;
+                None
+            }
+        },
+        None => None,
+    };
+    let Some((mut envoy, envoy_admin, ports)) = ports else {
+        if let Some((mut child, _)) = activator.take() {
+            child.stop(ENVOY_STOP).await;
+        }
+        runtime.shutdown().await;
+        control_plane.shutdown(Duration::from_secs(2)).await;
+        return ExitCode::FAILURE;
     };
 
     let host = args.gateway_address;
@@ -232,7 +296,10 @@ async fn up(setup: Setup) -> ExitCode {
     say!("  cluster-local:  {internal}");
     say!("  api:            {api}   (knarr get ksvc, knarr describe ksvc NAME, knarr logs NAME)");
     say!("  xds:            {}", control_plane.xds_addr);
-    say!("  envoy admin:    http://{}", envoy.admin_addr);
+    say!("  envoy admin:    http://{envoy_admin}");
+    if let Some((_, addr)) = &activator {
+        say!("  activator:      {addr}");
+    }
     say!("  logs:           {}", state_dir.display());
     if !args.paths.is_empty() {
         let shown: Vec<String> = args.paths.iter().map(|p| p.display().to_string()).collect();
@@ -260,6 +327,7 @@ async fn up(setup: Setup) -> ExitCode {
             ExitCode::FAILURE
         }
     };
+    let activator_stop = Duration::from_secs_f64(args.drain_seconds) + ENVOY_STOP;
     printer.abort();
 
     // Pods drain while Envoy still routes to them; then Envoy and the control plane stop.
@@ -270,7 +338,10 @@ async fn up(setup: Setup) -> ExitCode {
             drop(runtime);
         }
     }
-    envoy.stop().await;
+    if let Some((mut child, _)) = activator {
+        child.stop(activator_stop).await;
+    }
+    envoy.stop(ENVOY_STOP).await;
     control_plane.shutdown(Duration::from_secs(5)).await;
     say!("knarr up: stopped");
     code
@@ -365,15 +436,76 @@ fn curl_hint(url: &str, external: &str, internal: &str) -> String {
     format!("curl -H 'Host: {host}' {gateway}/")
 }
 
-/// The gateway Envoy, a child process.
-struct Gateway {
-    child: Child,
-    admin_addr: SocketAddr,
+/// A process `knarr up` started (Envoy, the activator): in its own process group, so a
+/// terminal's Ctrl-C reaches knarr, which stops it in order; killed if knarr drops it.
+struct Child {
+    child: tokio::process::Child,
+    what: &'static str,
     log_path: PathBuf,
 }
 
-impl Gateway {
-    async fn start(binary: &Path, state_dir: &Path, xds_addr: SocketAddr) -> anyhow::Result<Self> {
+impl Child {
+    /// Spawns `binary` with `args`, its output going to `<state_dir>/<log>`.
+    fn spawn(
+        what: &'static str,
+        binary: &Path,
+        args: &[&std::ffi::OsStr],
+        state_dir: &Path,
+        log: &str,
+    ) -> anyhow::Result<Child> {
+        let log_path = state_dir.join(log);
+        let file = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let child = Command::new(binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {what} ({})", binary.display()))?;
+        Ok(Child {
+            child,
+            what,
+            log_path,
+        })
+    }
+
+    /// Waits for the address the process writes to `path` once it listens.
+    async fn address_in(&mut self, path: &Path) -> anyhow::Result<SocketAddr> {
+        let deadline = tokio::time::Instant::now() + ENVOY_START;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                if let Ok(addr) = text.trim().parse::<SocketAddr>() {
+                    return Ok(addr);
+                }
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited while starting ({status}); its log: {}",
+                    self.what,
+                    self.log_path.display()
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{} did not start within {ENVOY_START:?}; its log: {}",
+                    self.what,
+                    self.log_path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The gateway: Envoy on a delta-ADS bootstrap for `xds_addr`; returns it and its admin
+    /// address.
+    async fn start_envoy(
+        binary: &Path,
+        state_dir: &Path,
+        xds_addr: SocketAddr,
+    ) -> anyhow::Result<(Child, SocketAddr)> {
         let options = BootstrapOptions {
             xds_addr: xds_addr.to_string(),
             delta: true,
@@ -385,86 +517,56 @@ impl Gateway {
         let yaml = bootstrap::render(&options).map_err(anyhow::Error::msg)?;
         let config_path = state_dir.join("envoy.yaml");
         let admin_path = state_dir.join("envoy-admin.txt");
-        let log_path = state_dir.join("envoy.log");
         let _ = std::fs::remove_file(&admin_path);
         std::fs::write(&config_path, yaml)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let mut child = Command::new(binary)
-            .arg("-c")
-            .arg(&config_path)
-            .args(["--disable-hot-restart", "--log-level", "warning"])
-            .args(["--concurrency", "2"])
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own process group: a terminal's Ctrl-C reaches knarr, which stops Envoy
-            // after the pods have drained, not before.
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start Envoy ({})", binary.display()))?;
-        let deadline = tokio::time::Instant::now() + ENVOY_START;
-        let admin_addr = loop {
-            if let Ok(text) = std::fs::read_to_string(&admin_path) {
-                if let Ok(addr) = text.trim().parse::<SocketAddr>() {
-                    break addr;
-                }
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "Envoy exited while starting ({status}); its log: {}",
-                    log_path.display()
-                );
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "Envoy did not start within {ENVOY_START:?}; its log: {}",
-                    log_path.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        info!(%admin_addr, "envoy started");
-        Ok(Gateway {
-            child,
-            admin_addr,
-            log_path,
-        })
+        let args = [
+            "-c".as_ref(),
+            config_path.as_os_str(),
+            "--disable-hot-restart".as_ref(),
+            "--log-level".as_ref(),
+            "warning".as_ref(),
+            "--concurrency".as_ref(),
+            "2".as_ref(),
+            "--admin-address-path".as_ref(),
+            admin_path.as_os_str(),
+        ];
+        let mut child = Child::spawn("Envoy", binary, &args, state_dir, "envoy.log")?;
+        let admin = child.address_in(&admin_path).await?;
+        info!(%admin, "envoy started");
+        Ok((child, admin))
     }
 
-    /// The external and cluster-local ports Envoy listens on, once it does.
-    async fn listener_ports(&mut self, args: &UpArgs) -> anyhow::Result<(u16, u16)> {
-        let deadline = tokio::time::Instant::now() + ENVOY_START;
-        loop {
-            if let Ok(body) = http_get(self.admin_addr, "/listeners?format=json").await {
-                let ports = listener_port(&body, EXTERNAL_LISTENER)
-                    .zip(listener_port(&body, INTERNAL_LISTENER));
-                if let Some((external, internal)) = ports {
-                    return Ok((external, internal));
-                }
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "Envoy exited ({status}) before opening the gateway on ports {}/{}; its log: {}",
-                    args.port,
-                    args.internal_port,
-                    self.log_path.display()
-                );
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "Envoy did not open the gateway listeners within {ENVOY_START:?} (is port {} or {} in use?); its log: {}",
-                    args.port,
-                    args.internal_port,
-                    self.log_path.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    /// The activator, connected to the control plane at `xds_addr`; returns it and the
+    /// address it takes requests on.
+    async fn start_activator(
+        binary: &Path,
+        state_dir: &Path,
+        xds_addr: SocketAddr,
+        drain_seconds: f64,
+    ) -> anyhow::Result<(Child, SocketAddr)> {
+        let address_path = state_dir.join("activator-address.txt");
+        let _ = std::fs::remove_file(&address_path);
+        let xds = format!("http://{xds_addr}");
+        let drain = drain_seconds.to_string();
+        let args = [
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--admin".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--xds-addr".as_ref(),
+            xds.as_ref(),
+            "--node-id".as_ref(),
+            "knarr-up-activator".as_ref(),
+            "--drain-quiet-seconds".as_ref(),
+            drain.as_ref(),
+            "--address-file".as_ref(),
+            address_path.as_os_str(),
+        ];
+        let mut child = Child::spawn("the activator", binary, &args, state_dir, "activator.log")?;
+        let addr = child.address_in(&address_path).await?;
+        info!(%addr, "activator started");
+        Ok((child, addr))
     }
 
     async fn wait(&mut self) -> String {
@@ -474,21 +576,57 @@ impl Gateway {
         }
     }
 
-    /// SIGTERM, then SIGKILL after [`ENVOY_STOP`].
-    async fn stop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            let pid = rustix::process::Pid::from_raw(pid as i32);
-            if let Some(pid) = pid {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
+    /// SIGTERM, then SIGKILL after `grace`.
+    async fn stop(&mut self, grace: Duration) {
+        let pid = self
+            .child
+            .id()
+            .and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
-        if tokio::time::timeout(ENVOY_STOP, self.child.wait())
+        if tokio::time::timeout(grace, self.child.wait())
             .await
             .is_err()
         {
-            warn!("Envoy did not stop in time; killing it");
+            warn!(what = self.what, "did not stop in time; killing it");
             let _ = self.child.kill().await;
         }
+    }
+}
+
+/// The external and cluster-local ports Envoy listens on, once it does.
+async fn listener_ports(
+    envoy: &mut Child,
+    admin: SocketAddr,
+    args: &UpArgs,
+) -> anyhow::Result<(u16, u16)> {
+    let deadline = tokio::time::Instant::now() + ENVOY_START;
+    loop {
+        if let Ok(body) = http_get(admin, "/listeners?format=json").await {
+            let ports = listener_port(&body, EXTERNAL_LISTENER)
+                .zip(listener_port(&body, INTERNAL_LISTENER));
+            if let Some((external, internal)) = ports {
+                return Ok((external, internal));
+            }
+        }
+        if let Some(status) = envoy.child.try_wait()? {
+            bail!(
+                "Envoy exited ({status}) before opening the gateway on ports {}/{}; its log: {}",
+                args.port,
+                args.internal_port,
+                envoy.log_path.display()
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "Envoy did not open the gateway listeners within {ENVOY_START:?} (is port {} or {} in use?); its log: {}",
+                args.port,
+                args.internal_port,
+                envoy.log_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -549,26 +687,59 @@ impl Signals {
     }
 }
 
-/// `knarr-queue-proxy`: `$KNARR_QUEUE_PROXY`, else next to this binary, else on `PATH`.
-fn queue_proxy_binary() -> anyhow::Result<PathBuf> {
-    const NAME: &str = "knarr-queue-proxy";
-    if let Some(path) = std::env::var_os("KNARR_QUEUE_PROXY") {
+/// One of Knarr's binaries: `$<env>`, else next to this binary, else on `PATH`.
+fn sibling_binary(name: &str, env: &str, why: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
         if !path.is_file() {
-            bail!("KNARR_QUEUE_PROXY={} is not a file", path.display());
+            bail!("{env}={} is not a file", path.display());
         }
         return Ok(path);
     }
     let beside = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(NAME)))
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
         .filter(|p| p.is_file());
-    beside.or_else(|| on_path(NAME)).with_context(|| {
+    beside.or_else(|| on_path(name)).with_context(|| {
         format!(
-            "cannot find {NAME} (it runs in front of every pod): build it with \
-             `cargo build --release --bins` so it sits next to knarr, or set KNARR_QUEUE_PROXY"
+            "cannot find {name} ({why}): build it with `cargo build --release --bins` so it \
+             sits next to knarr, or set {env}"
         )
     })
+}
+
+/// Knative's `config-autoscaler` from a YAML file: a flat map of its keys, or a ConfigMap
+/// whose `data` holds them.
+fn load_autoscaler_config(path: &Path) -> anyhow::Result<AutoscalerConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--autoscaler-config {}", path.display()))?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{}: not YAML", path.display()))?;
+    let map = match value.get("data") {
+        Some(data) => data.clone(),
+        None => value,
+    };
+    let serde_yaml::Value::Mapping(map) = map else {
+        bail!(
+            "{}: expected a map of config-autoscaler keys",
+            path.display()
+        );
+    };
+    let mut keys = BTreeMap::new();
+    for (key, value) in map {
+        let key = match key {
+            serde_yaml::Value::String(k) => k,
+            other => bail!("{}: key {other:?} is not a string", path.display()),
+        };
+        let value = match value {
+            serde_yaml::Value::String(v) => v,
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            other => bail!("{}: {key}: {other:?} is not a scalar", path.display()),
+        };
+        keys.insert(key, value);
+    }
+    AutoscalerConfig::from_map(&keys).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
