@@ -121,6 +121,13 @@ pub fn queue_proxy_binary() -> anyhow::Result<std::path::PathBuf> {
     workspace_binary(&BINARY, "knarr-queue-proxy", "knarr-queue-proxy")
 }
 
+/// The `knarr-activator` binary of this build; see [`workspace_binary`].
+pub fn activator_binary() -> anyhow::Result<std::path::PathBuf> {
+    static BINARY: std::sync::OnceLock<Result<std::path::PathBuf, String>> =
+        std::sync::OnceLock::new();
+    workspace_binary(&BINARY, "knarr-activator", "knarr-activator")
+}
+
 /// The `knarr` binary of this build; see [`workspace_binary`].
 pub fn knarr_binary() -> anyhow::Result<std::path::PathBuf> {
     static BINARY: std::sync::OnceLock<Result<std::path::PathBuf, String>> =

@@ -13,7 +13,10 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::{envoy_binary, http_get, knarr_binary, poll_until, queue_proxy_binary, HttpReply};
+use crate::{
+    activator_binary, envoy_binary, http_get, knarr_binary, poll_until, queue_proxy_binary,
+    HttpReply,
+};
 
 /// How long `knarr up` gets to print its addresses (Envoy starting included).
 const START: Duration = Duration::from_secs(60);
@@ -56,6 +59,15 @@ pub struct KnarrUp {
 impl KnarrUp {
     /// Writes `files` (name, YAML) into a new folder and runs `knarr up` on it.
     pub async fn start(files: &[(&str, &str)]) -> anyhow::Result<KnarrUp> {
+        Self::start_with(files, None).await
+    }
+
+    /// [`KnarrUp::start`] with Knative's `config-autoscaler` keys (a YAML map), e.g. short
+    /// windows so that idle revisions go to zero within a test.
+    pub async fn start_with(
+        files: &[(&str, &str)],
+        autoscaler: Option<&str>,
+    ) -> anyhow::Result<KnarrUp> {
         let manifests = tempfile::Builder::new()
             .prefix("knarr-up-manifests.")
             .tempdir()?;
@@ -63,23 +75,44 @@ impl KnarrUp {
             std::fs::write(manifests.path().join(name), text)?;
         }
         let path = manifests.path().to_owned();
-        Self::start_on(&[&path], manifests).await
+        Self::launch(&[&path], manifests, autoscaler).await
     }
 
     /// Runs `knarr up` on `paths`; `manifests` is kept as the folder [`KnarrUp::write`] edits.
     pub async fn start_on(paths: &[&Path], manifests: tempfile::TempDir) -> anyhow::Result<Self> {
+        Self::launch(paths, manifests, None).await
+    }
+
+    async fn launch(
+        paths: &[&Path],
+        manifests: tempfile::TempDir,
+        autoscaler: Option<&str>,
+    ) -> anyhow::Result<Self> {
         crate::trace_init();
-        let (knarr, envoy, queue_proxy) = tokio::task::spawn_blocking(|| {
-            anyhow::Ok((knarr_binary()?, envoy_binary()?, queue_proxy_binary()?))
+        let (knarr, envoy, queue_proxy, activator) = tokio::task::spawn_blocking(|| {
+            anyhow::Ok((
+                knarr_binary()?,
+                envoy_binary()?,
+                queue_proxy_binary()?,
+                activator_binary()?,
+            ))
         })
         .await??;
         let state = tempfile::Builder::new()
             .prefix("knarr-up-state.")
             .tempdir()?;
         let stderr = std::fs::File::create(state.path().join("knarr.log"))?;
+        let mut extra = Vec::new();
+        if let Some(yaml) = autoscaler {
+            let path = state.path().join("config-autoscaler.yaml");
+            std::fs::write(&path, yaml)?;
+            extra.push(std::ffi::OsString::from("--autoscaler-config"));
+            extra.push(path.into_os_string());
+        }
         let mut child = Command::new(&knarr)
             .arg("up")
             .args(paths)
+            .args(extra)
             .args(["--port", "0", "--internal-port", "0"])
             .args(["--api-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0", "--drain-seconds", "0.2"])
@@ -87,6 +120,7 @@ impl KnarrUp {
             .arg(state.path())
             .env("KNARR_ENVOY", envoy)
             .env("KNARR_QUEUE_PROXY", queue_proxy)
+            .env("KNARR_ACTIVATOR", activator)
             .env("KNARR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -11,6 +11,8 @@ use knarr_tests::up::{hello_service, process_alive, processes_mentioning, KnarrU
 
 const WAIT: Duration = Duration::from_secs(60);
 const HOST: &str = "hello.default.example.com";
+/// `config-autoscaler` with Knative's shortest stable window and a short grace period.
+const FAST_AUTOSCALER: &str = "stable-window: 6s\nscale-to-zero-grace-period: 1s\n";
 
 /// Waits until every request to `host` answers 200 with `expected` in the body.
 async fn wait_answer(up: &KnarrUp, host: &str, expected: &str) {
@@ -53,9 +55,14 @@ async fn the_hello_example_is_served_through_envoy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_change_makes_a_second_revision_and_moves_traffic_to_it() {
-    let up = KnarrUp::start(&[("hello.yaml", &hello_service("hello", "one", "", ""))])
-        .await
-        .unwrap();
+    // Short autoscaler windows: the revision nothing routes to any more goes to zero within
+    // the test (Knative's defaults take 60 s + 30 s).
+    let up = KnarrUp::start_with(
+        &[("hello.yaml", &hello_service("hello", "one", "", ""))],
+        Some(FAST_AUTOSCALER),
+    )
+    .await
+    .unwrap();
     up.wait_service("hello", "hello-00001", WAIT).await;
     wait_answer(&up, HOST, "Hello one! (revision hello-00001)").await;
     let first_pods = up.pod_pids("hello-00001").await.unwrap();
