@@ -14,6 +14,8 @@ Paths:
   GET /sleep?ms=N   the same, after N milliseconds (to watch draining and concurrency)
   GET /healthz      200 "ok"
 
+Every answer carries `X-Process-Id` (this process's pid), so you can see which pod served it.
+
 SIGTERM (or Ctrl-C) stops accepting connections and exits once the requests in flight are
 answered.
 """
@@ -53,6 +55,7 @@ class Hello(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Process-Id", str(os.getpid()))
         self.end_headers()
         self.wfile.write(body)
 
@@ -65,6 +68,8 @@ class Server(ThreadingHTTPServer):
     # Request threads are joined on shutdown: in-flight requests finish before the exit.
     daemon_threads = False
     block_on_close = True
+    # Bursts open many connections at once; the default backlog of 5 would drop some.
+    request_queue_size = 128
 
 
 def main():

@@ -59,14 +59,15 @@ pub struct KnarrUp {
 impl KnarrUp {
     /// Writes `files` (name, YAML) into a new folder and runs `knarr up` on it.
     pub async fn start(files: &[(&str, &str)]) -> anyhow::Result<KnarrUp> {
-        Self::start_with(files, None).await
+        Self::start_with(files, None, &[]).await
     }
 
     /// [`KnarrUp::start`] with Knative's `config-autoscaler` keys (a YAML map), e.g. short
-    /// windows so that idle revisions go to zero within a test.
+    /// windows so that idle revisions go to zero within a test, and more `knarr up` flags.
     pub async fn start_with(
         files: &[(&str, &str)],
         autoscaler: Option<&str>,
+        args: &[&str],
     ) -> anyhow::Result<KnarrUp> {
         let manifests = tempfile::Builder::new()
             .prefix("knarr-up-manifests.")
@@ -75,18 +76,19 @@ impl KnarrUp {
             std::fs::write(manifests.path().join(name), text)?;
         }
         let path = manifests.path().to_owned();
-        Self::launch(&[&path], manifests, autoscaler).await
+        Self::launch(&[&path], manifests, autoscaler, args).await
     }
 
     /// Runs `knarr up` on `paths`; `manifests` is kept as the folder [`KnarrUp::write`] edits.
     pub async fn start_on(paths: &[&Path], manifests: tempfile::TempDir) -> anyhow::Result<Self> {
-        Self::launch(paths, manifests, None).await
+        Self::launch(paths, manifests, None, &[]).await
     }
 
     async fn launch(
         paths: &[&Path],
         manifests: tempfile::TempDir,
         autoscaler: Option<&str>,
+        args: &[&str],
     ) -> anyhow::Result<Self> {
         crate::trace_init();
         let (knarr, envoy, queue_proxy, activator) = tokio::task::spawn_blocking(|| {
@@ -102,7 +104,7 @@ impl KnarrUp {
             .prefix("knarr-up-state.")
             .tempdir()?;
         let stderr = std::fs::File::create(state.path().join("knarr.log"))?;
-        let mut extra = Vec::new();
+        let mut extra: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
         if let Some(yaml) = autoscaler {
             let path = state.path().join("config-autoscaler.yaml");
             std::fs::write(&path, yaml)?;

@@ -60,6 +60,7 @@ async fn a_template_change_makes_a_second_revision_and_moves_traffic_to_it() {
     let up = KnarrUp::start_with(
         &[("hello.yaml", &hello_service("hello", "one", "", ""))],
         Some(FAST_AUTOSCALER),
+        &[],
     )
     .await
     .unwrap();

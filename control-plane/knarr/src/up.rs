@@ -94,6 +94,9 @@ pub struct UpArgs {
     /// Keep every routed revision at its initial scale: no autoscaling, no activator.
     #[arg(long)]
     pub no_autoscaling: bool,
+    /// Requests the activator holds per revision before answering 503.
+    #[arg(long, default_value_t = 10_000)]
+    pub activator_queue_depth: usize,
 }
 
 /// Runs `knarr up` until Ctrl-C or SIGTERM.
@@ -243,6 +246,7 @@ async fn up(setup: Setup) -> ExitCode {
                 &state_dir,
                 control_plane.xds_addr,
                 args.drain_seconds,
+                args.activator_queue_depth,
             )
             .await;
             match started {
@@ -544,12 +548,16 @@ impl Child {
         state_dir: &Path,
         xds_addr: SocketAddr,
         drain_seconds: f64,
+        queue_depth: usize,
     ) -> anyhow::Result<(Child, SocketAddr)> {
         let address_path = state_dir.join("activator-address.txt");
         let _ = std::fs::remove_file(&address_path);
         let xds = format!("http://{xds_addr}");
         let drain = drain_seconds.to_string();
+        let depth = queue_depth.to_string();
         let args = [
+            "--queue-depth".as_ref(),
+            depth.as_ref(),
             "--listen".as_ref(),
             "127.0.0.1:0".as_ref(),
             "--admin".as_ref(),
