@@ -167,6 +167,8 @@ fn serving_table(kind: ServingKind, items: &[Value], all_namespaces: bool) -> St
             "REASON",
             "ACTUAL",
             "DESIRED",
+            "MODE",
+            "PANIC",
         ],
         ServingKind::Route => &["NAME", "URL", "READY", "REASON"],
     };
@@ -202,6 +204,12 @@ fn serving_table(kind: ServingKind, items: &[Value], all_namespaces: bool) -> St
                     reason,
                     number(&status["actualReplicas"]),
                     number(&status["desiredReplicas"]),
+                    str_of(&status["servingMode"]).into(),
+                    match status["inPanic"].as_bool() {
+                        Some(true) => "yes".into(),
+                        Some(false) => "no".into(),
+                        None => String::new(),
+                    },
                 ]
             }
             ServingKind::Route => vec![name, str_of(&status["url"]).into(), ready, reason],
@@ -355,14 +363,16 @@ hello   http://hello.default.example.com   hello-00002     hello-00001   False  
             "status": {
                 "actualReplicas": 1,
                 "desiredReplicas": 2,
+                "servingMode": "Proxy",
+                "inPanic": true,
                 "conditions": [{ "type": "Ready", "status": "Unknown", "reason": "Deploying" }],
             },
         });
         assert_eq!(
             serving_table(ServingKind::Revision, &[revision], false),
             "\
-NAME          CONFIG   GENERATION   READY     REASON      ACTUAL   DESIRED
-hello-00001   hello    1            Unknown   Deploying   1        2
+NAME          CONFIG   GENERATION   READY     REASON      ACTUAL   DESIRED   MODE    PANIC
+hello-00001   hello    1            Unknown   Deploying   1        2         Proxy   yes
 "
         );
     }

@@ -1418,7 +1418,7 @@ mod tests {
     use knarr_runtime::RuntimeError;
     use knarr_translate::kingress::GatewayConfig;
     use knarr_translate::reconcile::{ClassFilter, IngressIndex};
-    use knarr_xds::{Clients, NodeGrouping, SnapshotCache};
+    use knarr_xds::{Clients, NodeGrouping, ResourceType, SnapshotCache};
 
     use super::*;
     use crate::routes_file::Routes;
@@ -1779,6 +1779,127 @@ mod tests {
             initial_scale(&revision(&[(INITIAL_SCALE_ANNOTATION, "0")])),
             0
         );
+    }
+
+    fn autoscaling_controller(
+        activators: &[u16],
+    ) -> (Arc<ServingController>, Arc<FakeRuntime>, Arc<SnapshotCache>) {
+        let cache = Arc::new(SnapshotCache::new(NodeGrouping::NodeId));
+        let ingress = Arc::new(IngressController::new(
+            IngressIndex::new(GatewayConfig::default(), ClassFilter::default()),
+            cache.clone(),
+            Arc::new(Clients::default()),
+            Routes::default(),
+            LoadBalancerNames::default(),
+        ));
+        let runtime = Arc::new(FakeRuntime::default());
+        let serving = ServingController::with_autoscaling(
+            "example.com",
+            ingress,
+            runtime.clone(),
+            AutoscalerConfig::default(),
+        );
+        serving.set_activators(
+            activators
+                .iter()
+                .map(|p| SocketAddr::from(([127, 0, 0, 9], *p)))
+                .collect(),
+        );
+        (serving, runtime, cache)
+    }
+
+    fn published_endpoint_ports(serving: &ServingController, revision: &str) -> Vec<i64> {
+        let state = serving.lock();
+        let Some(object) =
+            state
+                .published
+                .get(&ObjectKey::new(Kind::Endpoints, "default", revision))
+        else {
+            return Vec::new();
+        };
+        let Object::Endpoints(endpoints) = &**object else {
+            panic!("not endpoints")
+        };
+        endpoints.subsets.iter().map(|s| s.ports[0].port).collect()
+    }
+
+    #[test]
+    fn with_autoscaling_the_activator_fronts_a_revision_without_burst_headroom() {
+        let (serving, runtime, cache) = autoscaling_controller(&[8012]);
+        serving
+            .apply_manifest("h.yaml", &service("a", ""), None)
+            .unwrap();
+        serving.reconcile();
+        // A new revision starts at its initial scale, behind the activator.
+        assert_eq!(runtime.replicas("default/hello-00001"), Some(1));
+        assert_eq!(published_endpoint_ports(&serving, "hello-00001"), [8012]);
+
+        runtime.set_pod("hello-00001", Phase::Ready, 40001);
+        serving.reconcile();
+        // Knative's default target burst capacity (211) wants more than one idle pod can
+        // give: the activator stays in the path, and learns the pod over ADS.
+        let status = status_of(&serving, ServingKind::Revision, "hello-00001");
+        assert_eq!(status["servingMode"], "Proxy", "{status}");
+        assert_eq!(published_endpoint_ports(&serving, "hello-00001"), [8012]);
+        let snapshot = cache.get(knarr_xds::DEFAULT_GROUP).unwrap();
+        let resource = snapshot
+            .get(ResourceType::ActivatorRevision, "default/hello-00001")
+            .expect("activator revision published");
+        let revision = ActivatorRevision::decode(resource.value.as_slice()).unwrap();
+        assert_eq!(revision.endpoints.len(), 1);
+        assert_eq!(revision.endpoints[0].port, 40001);
+        assert_eq!(revision.timeout_seconds, 300);
+    }
+
+    #[test]
+    fn without_burst_headroom_wanted_a_ready_revision_is_served_directly() {
+        let (serving, runtime, _) = autoscaling_controller(&[8012]);
+        let text = service("a", "").replace(
+            "  template:\n    spec:",
+            "  template:\n    metadata:\n      annotations: {autoscaling.knative.dev/target-burst-capacity: \"0\"}\n    spec:",
+        );
+        serving.apply_manifest("h.yaml", &text, None).unwrap();
+        serving.reconcile();
+        runtime.set_pod("hello-00001", Phase::Ready, 40001);
+        // The decision is made on the next tick (2 s): poke to tick now.
+        serving.record_activator_stats(&RevisionStats {
+            namespace: "default".into(),
+            revision: "hello-00001".into(),
+            poke: true,
+            ..Default::default()
+        });
+        serving.reconcile();
+        let status = status_of(&serving, ServingKind::Revision, "hello-00001");
+        assert_eq!(status["servingMode"], "Serve", "{status}");
+        assert_eq!(published_endpoint_ports(&serving, "hello-00001"), [40001]);
+    }
+
+    #[test]
+    fn each_revision_gets_a_stable_subset_of_the_activators() {
+        let activators: Vec<SocketAddr> = (1..=6)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 8012)))
+            .collect();
+        let key = |n: &str| ServingKey::new(ServingKind::Revision, "default", n);
+        assert_eq!(
+            activator_subset(&key("a"), &activators[..3]),
+            &activators[..3]
+        );
+        let subset = activator_subset(&key("a"), &activators);
+        assert_eq!(subset.len(), ACTIVATOR_SUBSET);
+        assert_eq!(activator_subset(&key("a"), &activators), subset, "stable");
+        // Losing an activator outside the subset changes nothing for this revision.
+        let outside = activators.iter().find(|a| !subset.contains(a)).unwrap();
+        let fewer: Vec<SocketAddr> = activators
+            .iter()
+            .filter(|a| *a != outside)
+            .copied()
+            .collect();
+        assert_eq!(activator_subset(&key("a"), &fewer), subset);
+        // Revisions spread over the activators.
+        let used: BTreeSet<SocketAddr> = (0..20)
+            .flat_map(|i| activator_subset(&key(&format!("r{i}")), &activators))
+            .collect();
+        assert_eq!(used.len(), activators.len());
     }
 
     #[test]

@@ -420,7 +420,9 @@ fn summary_line(s: &ServiceSummary) -> String {
         })
         .collect();
     let mut line = format!("{}/{}  {}  {}", s.namespace, s.name, s.url, s.ready);
-    if !revisions.is_empty() {
+    if revisions.is_empty() {
+        line.push_str("  pods: none (scaled to zero)");
+    } else {
         line.push_str(&format!("  pods: {}", revisions.join(", ")));
     }
     if !traffic.is_empty() {
