@@ -176,6 +176,12 @@ fn handle(state: &ApiState, req: &Request<Bytes>) -> Response<Full<Bytes>> {
             return text(StatusCode::FORBIDDEN, why);
         }
     }
+    if let (Endpoint::Errors, Some(serving)) = (&endpoint, &state.serving) {
+        // Source errors, and the manifests the serving controller refused.
+        let mut errors = state.ingress.errors();
+        errors.extend(serving.errors());
+        return json(StatusCode::OK, &serde_json::json!({ "errors": errors }));
+    }
     if !endpoint.needs_serving() {
         return ingress_endpoint(&state.ingress, endpoint);
     }

@@ -181,6 +181,9 @@ struct State {
     view: View,
     /// The autoscaler of each revision (with autoscaling on).
     scalers: BTreeMap<ServingKey, Scaler>,
+    /// Watched manifests refused (an update Knative's webhook would refuse); the previous
+    /// version stays. Cleared when the object is accepted or deleted.
+    refused: BTreeMap<ServingKey, String>,
 }
 
 /// One revision's autoscaler and what it last decided.
@@ -256,16 +259,25 @@ impl ServingController {
                 match change {
                     Change::Upsert(object) => {
                         if let Object::Serving(object) = &*object {
-                            if let Err(e) = state.upsert((**object).clone()) {
-                                refused.push(e);
+                            let checked = self
+                                .check_autoscaling(object)
+                                .and_then(|()| state.upsert((**object).clone()));
+                            match checked {
+                                Ok(()) => {
+                                    state.refused.remove(&object.key());
+                                }
+                                Err(e) => {
+                                    state.refused.insert(object.key(), e.clone());
+                                    refused.push(e);
+                                }
                             }
                         }
                     }
                     Change::Delete(key) => {
                         if let Kind::Serving(kind) = key.kind {
-                            state
-                                .applied
-                                .remove(&ServingKey::new(kind, &key.namespace, &key.name));
+                            let key = ServingKey::new(kind, &key.namespace, &key.name);
+                            state.applied.remove(&key);
+                            state.refused.remove(&key);
                         }
                     }
                 }
@@ -326,7 +338,10 @@ impl ServingController {
             if !seen.insert(key.clone()) {
                 errors.push(format!("{file}:{line}: {key}: defined twice"));
             }
-            if let Err(e) = state.check(object) {
+            if let Err(e) = state
+                .check(object)
+                .and_then(|()| self.check_autoscaling(object))
+            {
                 errors.push(format!("{file}:{line}: {e}"));
             }
         }
@@ -353,6 +368,26 @@ impl ServingController {
         drop(state);
         self.wake.notify_one();
         Ok(applied)
+    }
+
+    /// The template's `autoscaling.knative.dev/*` annotations, checked as the autoscaler reads
+    /// them (with autoscaling on): `Service default/x: spec.template.metadata.annotations[…]: …`.
+    fn check_autoscaling(&self, object: &ServingObject) -> Result<(), String> {
+        let Some(config) = &self.autoscaling else {
+            return Ok(());
+        };
+        let template = match object {
+            ServingObject::Service(s) => &s.spec.template,
+            ServingObject::Configuration(c) => &c.spec.template,
+            _ => return Ok(()),
+        };
+        RevisionScaling::from_annotations(
+            &template.metadata.annotations,
+            template.spec.container_concurrency(),
+            config,
+        )
+        .map(|_| ())
+        .map_err(|e| format!("{}: spec.template.{}: {}", object.key(), e.field, e.reason))
     }
 
     /// Deletes an object users applied. `Err` says why not (not found; owned by a Service).
@@ -539,6 +574,11 @@ impl ServingController {
                 }
             })
             .collect()
+    }
+
+    /// Watched manifests refused by the update checks (the previous version is running).
+    pub fn errors(&self) -> Vec<String> {
+        self.lock().refused.values().cloned().collect()
     }
 
     /// Bumped whenever any status changes.
@@ -1872,6 +1912,22 @@ mod tests {
         let status = status_of(&serving, ServingKind::Revision, "hello-00001");
         assert_eq!(status["servingMode"], "Serve", "{status}");
         assert_eq!(published_endpoint_ports(&serving, "hello-00001"), [40001]);
+    }
+
+    #[test]
+    fn autoscaling_annotations_are_checked_with_their_field_path() {
+        let (serving, ..) = autoscaling_controller(&[8012]);
+        let text = service("a", "").replace(
+            "  template:\n    spec:",
+            "  template:\n    metadata:\n      annotations: {autoscaling.knative.dev/metric: memory}\n    spec:",
+        );
+        let errors = serving.apply_manifest("h.yaml", &text, None).unwrap_err();
+        assert!(
+            errors[0].contains(
+                "Service default/hello: spec.template.metadata.annotations[autoscaling.knative.dev/metric]"
+            ),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -386,7 +386,8 @@ async fn print_status(
             shown.insert(key, summary);
         }
         if let Some(ingress) = &ingress {
-            let errors = ingress.errors();
+            let mut errors = ingress.errors();
+            errors.extend(serving.errors());
             for error in &errors {
                 if !errors_shown.contains(error) {
                     say!("error: {error}");
