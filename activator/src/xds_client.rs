@@ -213,3 +213,112 @@ async fn drain_for(stats: &mut mpsc::Receiver<RevisionStats>, wait: Duration) {
     let deadline = tokio::time::Instant::now() + wait;
     while let Ok(Some(_)) = tokio::time::timeout_at(deadline, stats.recv()).await {}
 }
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::service::discovery::v3::Resource as XdsResource;
+    use envoy_types::pb::google::protobuf::Any;
+    use knarr_proto::activator::Endpoint;
+
+    use super::*;
+
+    fn resource(name: &str, revision: &Revision) -> XdsResource {
+        XdsResource {
+            name: name.to_owned(),
+            version: format!("v-{}", revision.endpoints.len()),
+            resource: Some(Any {
+                type_url: REVISION_TYPE_URL.to_owned(),
+                value: revision.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn revision(name: &str, ports: &[u32]) -> Revision {
+        Revision {
+            namespace: "default".into(),
+            name: name.into(),
+            container_concurrency: 1,
+            endpoints: ports
+                .iter()
+                .map(|port| Endpoint {
+                    address: "127.0.0.1".into(),
+                    port: *port,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn response(
+        nonce: &str,
+        resources: Vec<XdsResource>,
+        removed: &[&str],
+    ) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: REVISION_TYPE_URL.to_owned(),
+            nonce: nonce.to_owned(),
+            resources,
+            removed_resources: removed.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn responses_are_applied_and_acked_and_removals_remove() {
+        let (tx, _rx) = crate::stats_channel();
+        let revisions = Revisions::new("test", 10, tx);
+        let mut held = BTreeMap::new();
+        let a = response(
+            "1",
+            vec![
+                resource("default/a", &revision("a", &[9001])),
+                resource("default/b", &revision("b", &[])),
+            ],
+            &[],
+        );
+        let ack = apply(&a, &revisions, &mut held);
+        assert_eq!(ack.response_nonce, "1");
+        assert!(ack.error_detail.is_none());
+        assert_eq!(revisions.names(), ["default/a", "default/b"]);
+        assert_eq!(held.get("default/a").map(String::as_str), Some("v-1"));
+
+        let ack = apply(
+            &response("2", vec![], &["default/a"]),
+            &revisions,
+            &mut held,
+        );
+        assert!(ack.error_detail.is_none());
+        assert_eq!(revisions.names(), ["default/b"]);
+        assert!(!held.contains_key("default/a"));
+    }
+
+    #[tokio::test]
+    async fn a_bad_response_is_nacked_and_changes_nothing() {
+        let (tx, _rx) = crate::stats_channel();
+        let revisions = Revisions::new("test", 10, tx);
+        let mut held = BTreeMap::new();
+        let bad = revision("c", &[70000]);
+        let mixed = response(
+            "7",
+            vec![
+                resource("default/ok", &revision("ok", &[9001])),
+                resource("default/c", &bad),
+            ],
+            &[],
+        );
+        let nack = apply(&mixed, &revisions, &mut held);
+        assert_eq!(nack.response_nonce, "7");
+        let detail = nack.error_detail.expect("a NACK");
+        assert!(detail.message.contains("default/c"), "{}", detail.message);
+        assert!(revisions.names().is_empty(), "all or nothing");
+        assert!(held.is_empty());
+
+        let mut garbage = resource("default/g", &revision("g", &[]));
+        if let Some(any) = &mut garbage.resource {
+            any.value = vec![0xff, 0xff, 0xff];
+        }
+        let nack = apply(&response("8", vec![garbage], &[]), &revisions, &mut held);
+        assert!(nack.error_detail.is_some());
+    }
+}
