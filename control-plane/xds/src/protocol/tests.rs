@@ -713,3 +713,72 @@ fn delta_sends_a_large_change_in_parts_before_routes() {
     let lds = d_one(s.on_request(&delta_req(EDS, &[], &[], &eds.nonce), Some(&snap)));
     assert_eq!(lds.type_url, LDS.type_url());
 }
+
+// ---- activators: Knarr's own resource type on the same ADS stream ----
+
+fn activator_revision(name: &str, port: u32) -> Arc<crate::resource::Resource> {
+    let revision = knarr_proto::activator::Revision {
+        namespace: "default".into(),
+        name: name.into(),
+        endpoints: vec![knarr_proto::activator::Endpoint {
+            address: "127.0.0.1".into(),
+            port,
+        }],
+        ..Default::default()
+    };
+    crate::resource::Resource::named(format!("default/{name}"), &revision)
+}
+
+fn with_activator_revisions(snap: &Snapshot, revisions: &[(&str, u32)]) -> Snapshot {
+    let mut b = snap.to_builder();
+    for (name, port) in revisions {
+        b.insert_resource(
+            ResourceType::ActivatorRevision,
+            activator_revision(name, *port),
+        );
+    }
+    b.build()
+}
+
+#[test]
+fn activator_revisions_reach_activators_and_never_envoy() {
+    let snap = with_activator_revisions(&base(), &[("a-00001", 9001)]);
+    // An Envoy subscribes to its own types only: it is synced without ever hearing of them.
+    let envoy = synced_delta(&snap);
+    assert!(envoy.is_synced(&snap));
+
+    let mut activator = DeltaStream::new();
+    let ty = ResourceType::ActivatorRevision;
+    let first = d_one(activator.on_request(&delta_req(ty, &["*"], &[], ""), Some(&snap)));
+    assert_eq!(first.type_url, knarr_proto::activator::REVISION_TYPE_URL);
+    assert_eq!(d_names(&first), ["default/a-00001"]);
+    none(&activator.on_request(&delta_req(ty, &[], &[], &first.nonce), Some(&snap)));
+
+    // A pod becomes ready: only that revision goes out again.
+    let next = with_activator_revisions(&snap, &[("a-00001", 9002), ("b-00001", 9003)]);
+    let update = d_one(activator.on_snapshot(&next));
+    assert_eq!(d_names(&update), ["default/a-00001", "default/b-00001"]);
+    none(&activator.on_request(&delta_req(ty, &[], &[], &update.nonce), Some(&next)));
+    let mut b = next.to_builder();
+    b.remove(ty, "default/b-00001");
+    let removed = d_one(activator.on_snapshot(&b.build()));
+    assert_eq!(removed.removed_resources, ["default/b-00001"]);
+}
+
+#[test]
+fn a_reconnecting_activator_hears_only_of_changes_and_removals() {
+    let snap = with_activator_revisions(&base(), &[("a-00001", 9001), ("c-00001", 9005)]);
+    let ty = ResourceType::ActivatorRevision;
+    let mut s = DeltaStream::new();
+    let mut req = delta_req(ty, &["*"], &[], "");
+    req.initial_resource_versions = HashMap::from([
+        (
+            "default/a-00001".to_string(),
+            snap.get(ty, "default/a-00001").unwrap().version.clone(),
+        ),
+        ("default/gone-00001".to_string(), "old".to_string()),
+    ]);
+    let resp = d_one(s.on_request(&req, Some(&snap)));
+    assert_eq!(d_names(&resp), ["default/c-00001"]);
+    assert_eq!(resp.removed_resources, ["default/gone-00001"]);
+}
