@@ -283,6 +283,36 @@ impl KnarrUp {
         self.child.id()
     }
 
+    /// Where the activator takes requests, as `knarr up` printed it (`activator:`); `None`
+    /// until it is printed, and always with `--no-autoscaling`.
+    pub fn activator(&self) -> Option<SocketAddr> {
+        self.output().lines().find_map(|line| {
+            let rest = line.trim().strip_prefix("activator:")?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+    }
+
+    /// The activator's admin address (`/metrics`), from the `activator serving … admin=ADDR`
+    /// line of its log in the state folder.
+    pub fn activator_admin(&self) -> Option<SocketAddr> {
+        let log = std::fs::read_to_string(self.state.path().join("activator.log")).ok()?;
+        log.lines()
+            .filter(|line| line.contains("activator serving"))
+            .find_map(|line| {
+                let rest = &line[line.find("admin=")? + "admin=".len()..];
+                rest.split_whitespace().next()?.parse().ok()
+            })
+    }
+
+    /// The activator's pid: the process whose command line names this instance's
+    /// `activator-address.txt`.
+    pub fn activator_pid(&self) -> Option<u32> {
+        let file = self.state.path().join("activator-address.txt");
+        processes_mentioning(&file.to_string_lossy())
+            .into_iter()
+            .next()
+    }
+
     /// Sends SIGINT (Ctrl-C) and waits for `knarr up` to exit.
     pub async fn stop(mut self) -> anyhow::Result<(ExitStatus, String)> {
         let pid = self.child.id().context("already exited")?;
