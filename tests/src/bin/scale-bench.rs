@@ -16,7 +16,7 @@
 //!    p50/p99 at a fixed rate (open loop) and throughput at saturation (closed loop).
 //! 3. Memory per held request: `--held` requests sent straight to the activator (Envoy's
 //!    default circuit breakers stop at 1,024) for a revision whose app never listens; the
-//!    activator's RSS before and with all held (counted by its `activator_held_requests`
+//!    activator's RSS before and with all held (counted by its `activator_revision_held_requests`
 //!    gauge), over HTTP/1.1 (a connection each) and h2c (100 streams per connection).
 //! 4. Release: `--release-held` requests held for a revision at zero whose app listens 2 s
 //!    after it starts; from the instant its queue-proxy first answers `K-Network-Probe: queue`
@@ -589,17 +589,16 @@ async fn saturation(
     Ok(n as f64 / elapsed.as_secs_f64())
 }
 
-/// A gauge or counter from the activator's `/metrics`.
-async fn activator_metric(admin: SocketAddr, name: &str) -> anyhow::Result<f64> {
+/// The activator's `activator_revision_held_requests` for `default/revision` (0 if absent).
+async fn held_for(admin: SocketAddr, revision: &str) -> anyhow::Result<f64> {
     let reply = http_get(admin, "activator", "/metrics").await?;
-    reply
+    let series = format!("revision=\"{revision}\"");
+    Ok(reply
         .body
         .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .with_context(|| format!("no {name} in the activator's metrics"))?
-        .trim()
-        .parse()
-        .with_context(|| format!("{name}: not a number"))
+        .filter(|l| l.starts_with("activator_revision_held_requests{") && l.contains(&series))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0))
 }
 
 /// How the held requests reach the activator.
@@ -674,22 +673,25 @@ async fn hold_h2c(addr: SocketAddr, n: usize, revision: &str) -> anyhow::Result<
 /// One row of the memory table.
 struct HeldRow {
     how: &'static str,
+    revision: String,
     connections: usize,
     rss_before: f64,
     rss_held: f64,
     rss_after: f64,
     left_after_cancel: f64,
     cancel_time: Duration,
+    cancelled_at: Instant,
 }
 
 async fn measure_held(
     admin: SocketAddr,
     pid: u32,
     how: &'static str,
+    revision: &str,
     n: usize,
     hold: impl std::future::Future<Output = anyhow::Result<Held>>,
 ) -> anyhow::Result<HeldRow> {
-    let base = activator_metric(admin, "activator_held_requests").await?;
+    let base = held_for(admin, revision).await?;
     let (rss_before, _) = knarr_tests::proc_usage(pid)?;
     let held = hold.await?;
     let connections = match &held {
@@ -699,12 +701,12 @@ async fn measure_held(
     let target = base + n as f64;
     let t0 = Instant::now();
     loop {
-        let now = activator_metric(admin, "activator_held_requests").await?;
+        let now = held_for(admin, revision).await?;
         if now >= target {
             break;
         }
         if t0.elapsed() > Duration::from_secs(60) {
-            bail!("{how}: the activator holds {now} requests, not {target}");
+            bail!("{how}: the activator holds {now} requests for {revision}, not {target}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -713,22 +715,24 @@ async fn measure_held(
     let (rss_held, _) = knarr_tests::proc_usage(pid)?;
     let t1 = Instant::now();
     held.cancel();
-    let mut left = activator_metric(admin, "activator_held_requests").await? - base;
+    let mut left = held_for(admin, revision).await? - base;
     while left > 0.0 && t1.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        left = activator_metric(admin, "activator_held_requests").await? - base;
+        left = held_for(admin, revision).await? - base;
     }
     let cancel_time = t1.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_after, _) = knarr_tests::proc_usage(pid)?;
     Ok(HeldRow {
         how,
+        revision: revision.to_owned(),
         connections,
         rss_before,
         rss_held,
         rss_after,
         left_after_cancel: left,
         cancel_time,
+        cancelled_at: t1,
     })
 }
 
@@ -924,6 +928,7 @@ async fn main() -> anyhow::Result<()> {
                 admin,
                 activator_pid,
                 "HTTP/1.1, a connection per request",
+                "hold-00001",
                 p.held,
                 hold_http1(activator_addr, p.held, "hold-00001"),
             )
@@ -934,6 +939,7 @@ async fn main() -> anyhow::Result<()> {
                 admin,
                 activator_pid,
                 "h2c, 100 streams per connection",
+                "hold2-00001",
                 p.held,
                 hold_h2c(activator_addr, p.held, "hold2-00001"),
             )
@@ -998,6 +1004,14 @@ async fn main() -> anyhow::Result<()> {
         path_rows.push((label, pct(&lat, 50.0), pct(&lat, 99.0), sat));
     }
     let total = launched.elapsed();
+    // Held requests whose clients left but that the activator still counts.
+    let mut stuck = Vec::new();
+    for r in &held_rows {
+        let left = held_for(admin, &r.revision).await?;
+        if left > 0.0 {
+            stuck.push((r.revision.clone(), left, r.cancelled_at.elapsed()));
+        }
+    }
     if let Some(dir) = &p.keep_logs {
         let status = std::process::Command::new("cp")
             .arg("-r")
@@ -1183,9 +1197,17 @@ async fn main() -> anyhow::Result<()> {
         }
         println!();
         println!(
-            "Held = the activator's activator_held_requests gauge reached the count; RSS from \
-             /proc/<pid>/status VmRSS, 0.5 s later. Cancel = the client closes every connection."
+            "Held = the revision's activator_revision_held_requests gauge reached the count; RSS \
+             from /proc/<pid>/status VmRSS, 0.5 s later. Cancel = the client closes every \
+             connection; still held = that gauge once it reached 0, or after 10 s."
         );
+        for (revision, left, after) in &stuck {
+            println!(
+                "{revision}: {left} requests still held {:.0} s after their clients closed their \
+                 connections (at the end of the run).",
+                after.as_secs_f64()
+            );
+        }
     }
     println!();
     println!(
