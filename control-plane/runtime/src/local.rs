@@ -32,11 +32,11 @@ use crate::process::GroupChild;
 use crate::{Phase, PodStatus, RevisionRef, Runtime, RuntimeError};
 
 /// Time between readiness probes of a pod that is not ready: the first right after the spawn,
-/// then every 2 ms, growing by a quarter per failed probe up to 25 ms. A cold start is waiting
+/// then every 2 ms, growing by a quarter per failed probe up to 10 ms. A cold start is waiting
 /// on this: a pod that is ready quickly is seen within a couple of milliseconds, and one that
 /// takes long is not probed hundreds of times a second.
 const STARTING_PROBE_FIRST: Duration = Duration::from_millis(2);
-const STARTING_PROBE_MAX: Duration = Duration::from_millis(25);
+const STARTING_PROBE_MAX: Duration = Duration::from_millis(10);
 /// Time between readiness probes of a ready pod (to notice it turning not ready).
 const READY_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// A probe not answered by then counts as failed.
