@@ -8,11 +8,8 @@
 //! removed while waiting (us, retryable), 504 no capacity or no response within the revision's
 //! timeout, 502 a pod that cannot be reached or drops the connection (upstream).
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,11 +17,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Either, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::time::{Instant, Sleep};
+use knarr_data_path::GuardedBody;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::drain::Drainer;
@@ -220,13 +218,7 @@ impl Proxy {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        let body = GuardedBody {
-            inner: body,
-            guards: Some(guards),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            idle_timeout: spec.idle_timeout,
-            idle: spec.idle_timeout.map(|t| Box::pin(tokio::time::sleep(t))),
-        };
+        let body = GuardedBody::new(body, guards, deadline, spec.idle_timeout);
         Response::from_parts(parts, body.boxed_unsync())
     }
 
@@ -284,13 +276,7 @@ impl Proxy {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers, false);
-            let body = GuardedBody {
-                inner: body,
-                guards: Some(guards),
-                deadline: Box::pin(tokio::time::sleep_until(deadline)),
-                idle_timeout: None,
-                idle: None,
-            };
+            let body = GuardedBody::new(body, guards, deadline, None);
             return Response::from_parts(parts, body.boxed_unsync());
         }
         let pod_upgrade = hyper::upgrade::on(&mut resp);
@@ -414,69 +400,6 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 struct Guards {
     _in_flight: InFlight,
     lease: Lease,
-}
-
-/// The pod's response body, streamed as it comes, keeping the request counted and its slot taken
-/// until the last byte, and enforcing the total and idle timeouts.
-struct GuardedBody {
-    inner: Incoming,
-    guards: Option<Guards>,
-    deadline: Pin<Box<Sleep>>,
-    idle_timeout: Option<Duration>,
-    idle: Option<Pin<Box<Sleep>>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum StreamError {
-    #[error("the request took longer than the revision timeout")]
-    Timeout,
-    #[error("the pod sent nothing for longer than the idle timeout")]
-    Idle,
-}
-
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(None) => {
-                this.guards = None;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(frame)) => {
-                if let (Some(t), Some(idle)) = (this.idle_timeout, this.idle.as_mut()) {
-                    idle.as_mut().reset(Instant::now() + t);
-                }
-                Poll::Ready(Some(frame.map_err(|e| Box::new(e) as BoxError)))
-            }
-            Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
-                    this.guards = None;
-                    return Poll::Ready(Some(Err(Box::new(StreamError::Timeout))));
-                }
-                if let Some(idle) = this.idle.as_mut() {
-                    if idle.as_mut().poll(cx).is_ready() {
-                        this.guards = None;
-                        return Poll::Ready(Some(Err(Box::new(StreamError::Idle))));
-                    }
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 #[cfg(test)]

@@ -4,22 +4,20 @@
 //! Errors say who failed: 503 when the queue is full (us, retryable), 502 when the app cannot be
 //! reached (upstream), 504 when it is too slow (upstream).
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::time::{Instant, Sleep};
+use knarr_data_path::GuardedBody;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::breaker::{Breaker, Permit};
@@ -192,13 +190,7 @@ impl QueueProxy {
             Ok(Ok(resp)) => resp,
         };
         let (parts, body) = resp.into_parts();
-        let body = GuardedBody {
-            inner: body,
-            guards: Some(guards),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            idle_timeout: self.idle_timeout,
-            idle: self.idle_timeout.map(|t| Box::pin(tokio::time::sleep(t))),
-        };
+        let body = GuardedBody::new(body, guards, deadline, self.idle_timeout);
         Response::from_parts(parts, body.boxed_unsync())
     }
 
@@ -276,67 +268,4 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 struct Guards {
     _in_flight: InFlight,
     _permit: Option<Permit>,
-}
-
-/// The app's response body, streamed as it comes, keeping the request counted and its breaker
-/// slot taken until the last byte, and enforcing the total and idle timeouts.
-struct GuardedBody {
-    inner: Incoming,
-    guards: Option<Guards>,
-    deadline: Pin<Box<Sleep>>,
-    idle_timeout: Option<Duration>,
-    idle: Option<Pin<Box<Sleep>>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum StreamError {
-    #[error("the request took longer than the revision timeout")]
-    Timeout,
-    #[error("the app sent nothing for longer than the idle timeout")]
-    Idle,
-}
-
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(None) => {
-                this.guards = None;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(frame)) => {
-                if let (Some(t), Some(idle)) = (this.idle_timeout, this.idle.as_mut()) {
-                    idle.as_mut().reset(Instant::now() + t);
-                }
-                Poll::Ready(Some(frame.map_err(|e| Box::new(e) as BoxError)))
-            }
-            Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
-                    this.guards = None;
-                    return Poll::Ready(Some(Err(Box::new(StreamError::Timeout))));
-                }
-                if let Some(idle) = this.idle.as_mut() {
-                    if idle.as_mut().poll(cx).is_ready() {
-                        this.guards = None;
-                        return Poll::Ready(Some(Err(Box::new(StreamError::Idle))));
-                    }
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

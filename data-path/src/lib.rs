@@ -1,0 +1,200 @@
+//! HTTP pieces the queue-proxy and the activator share: both forward a request and stream the
+//! response back while something must stay held (the request's place in the concurrency count,
+//! a breaker slot, a pod's capacity) until the last byte, under the revision's timeouts.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+/// Errors of a streamed body, boxed as hyper's bodies box them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a [`GuardedBody`] was cut short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("the request took longer than the revision timeout")]
+    Timeout,
+    #[error("the upstream sent nothing for longer than the idle timeout")]
+    Idle,
+}
+
+/// An upstream response body, streamed as it comes, holding `guards` until its last byte (or
+/// until it fails), and failing with [`StreamError`] once the total `deadline` passes or nothing
+/// arrives for `idle_timeout`.
+pub struct GuardedBody<B, G> {
+    inner: B,
+    guards: Option<G>,
+    deadline: Pin<Box<Sleep>>,
+    idle_timeout: Option<Duration>,
+    idle: Option<Pin<Box<Sleep>>>,
+}
+
+impl<B, G> GuardedBody<B, G> {
+    pub fn new(inner: B, guards: G, deadline: Instant, idle_timeout: Option<Duration>) -> Self {
+        GuardedBody {
+            inner,
+            guards: Some(guards),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            idle_timeout,
+            idle: idle_timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+        }
+    }
+}
+
+impl<B, G> Body for GuardedBody<B, G>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+    G: Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.guards = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => {
+                if let (Some(t), Some(idle)) = (this.idle_timeout, this.idle.as_mut()) {
+                    idle.as_mut().reset(Instant::now() + t);
+                }
+                if frame.is_err() {
+                    this.guards = None;
+                }
+                Poll::Ready(Some(frame.map_err(|e| Box::new(e) as BoxError)))
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    this.guards = None;
+                    return Poll::Ready(Some(Err(Box::new(StreamError::Timeout))));
+                }
+                if let Some(idle) = this.idle.as_mut() {
+                    if idle.as_mut().poll(cx).is_ready() {
+                        this.guards = None;
+                        return Poll::Ready(Some(Err(Box::new(StreamError::Idle))));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use http_body_util::{BodyExt as _, Full};
+
+    use super::*;
+
+    /// Counts itself while alive.
+    struct Held(Arc<AtomicUsize>);
+
+    impl Held {
+        fn new(count: &Arc<AtomicUsize>) -> Held {
+            count.fetch_add(1, Ordering::SeqCst);
+            Held(count.clone())
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A body that never sends anything.
+    struct Silent;
+
+    impl Body for Silent {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Pending
+        }
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    #[tokio::test]
+    async fn guards_are_held_until_the_last_byte() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut body = GuardedBody::new(
+            Full::new(Bytes::from_static(b"hello")),
+            Held::new(&count),
+            far(),
+            None,
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "hello");
+        assert!(body.frame().await.is_none());
+        assert_eq!(count.load(Ordering::SeqCst), 0, "released at the end");
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_fails_on_the_idle_timeout_and_releases() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut body = GuardedBody::new(
+            Silent,
+            Held::new(&count),
+            far(),
+            Some(Duration::from_millis(20)),
+        );
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(
+            error.downcast_ref::<StreamError>(),
+            Some(&StreamError::Idle)
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_total_deadline_cuts_the_body() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let mut body = GuardedBody::new(Silent, Held::new(&count), deadline, None);
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(
+            error.downcast_ref::<StreamError>(),
+            Some(&StreamError::Timeout)
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_body_releases_the_guards() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let body = GuardedBody::new(Silent, Held::new(&count), far(), None);
+        drop(body);
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+}
