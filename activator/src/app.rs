@@ -13,13 +13,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use knarr_proto::activator::RevisionStats;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::config::Config;
 use crate::drain::Drainer;
@@ -66,7 +65,14 @@ impl Running {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let proxy = Arc::new(Proxy::new(revisions.clone(), Arc::clone(&drainer)));
-        tasks.spawn(serve_requests(listener, proxy, stop_rx.clone()));
+        tasks.spawn(knarr_data_path::serve_requests(
+            listener,
+            stop_rx.clone(),
+            move |req, peer| {
+                let proxy = Arc::clone(&proxy);
+                async move { proxy.handle(req, peer).await }
+            },
+        ));
         tasks.spawn(serve_admin(admin, Arc::clone(&drainer), registry, stop_rx));
         let reporter = spawn_reporter(revisions.clone(), REPORTING_PERIOD);
         info!(
@@ -108,41 +114,6 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for {what} on {addr}"))
-}
-
-/// HTTP/1.1 and h2c on one port; on stop, requests in flight (held ones included) finish.
-async fn serve_requests(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                debug!(error = %e, "accept failed");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let proxy = Arc::clone(&proxy);
-        let service = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-        });
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "client connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
 }
 
 fn text(

@@ -1,15 +1,27 @@
-//! HTTP pieces the queue-proxy and the activator share: both forward a request and stream the
-//! response back while something must stay held (the request's place in the concurrency count,
-//! a breaker slot, a pod's capacity) until the last byte, under the revision's timeouts.
+//! HTTP pieces the queue-proxy and the activator share: both serve HTTP/1.1 and h2c on one port
+//! ([`serve_requests`]), forward each request and stream the response back while something must
+//! stay held (the request's place in the concurrency count, a breaker slot, a pod's capacity)
+//! until the last byte, under the revision's timeouts ([`GuardedBody`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
 use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
+use tracing::debug;
 
 /// Errors of a streamed body, boxed as hyper's bodies box them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -97,6 +109,53 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Serves HTTP/1.1 and h2c on one listener (upgrades such as websockets included), each request
+/// answered by `handle(request, peer)`, until `stop` turns true; then stops accepting and waits
+/// for the open connections to finish. The queue-proxy's and the activator's request ports.
+pub async fn serve_requests<F, Fut, B>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handle = handle.clone();
+        let service = service_fn(move |req| {
+            let answer = handle(req, peer);
+            async move { Ok::<_, Infallible>(answer.await) }
+        });
+        let conn = auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 #[cfg(test)]

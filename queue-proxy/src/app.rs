@@ -14,12 +14,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::config::Config;
 use crate::drain::{admin_response, Drainer};
@@ -137,7 +136,15 @@ impl Running {
         };
 
         // Requests: HTTP/1.1 and h2c on one port; in-flight requests finish on shutdown.
-        tasks.spawn(serve_requests(serving, proxy.clone(), stop_rx.clone()));
+        let handler = proxy.clone();
+        tasks.spawn(knarr_data_path::serve_requests(
+            serving,
+            stop_rx.clone(),
+            move |req, _peer| {
+                let proxy = handler.clone();
+                async move { proxy.handle(req).await }
+            },
+        ));
         let admin_drainer = drainer.clone();
         tasks.spawn(serve_simple(
             admin,
@@ -205,36 +212,4 @@ impl Running {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
     }
-}
-
-async fn serve_requests(
-    listener: TcpListener,
-    proxy: Arc<QueueProxy>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-        });
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "client connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
 }
