@@ -23,6 +23,7 @@
 //! counters and Envoy's admin API.
 
 mod admin;
+pub mod bench;
 mod client;
 pub mod conformance;
 mod envoy;

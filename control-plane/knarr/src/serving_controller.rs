@@ -1525,18 +1525,23 @@ mod tests {
         }
     }
 
+    /// An ingress controller publishing into `cache`.
+    fn ingress_into(cache: Arc<SnapshotCache>) -> Arc<IngressController> {
+        Arc::new(IngressController::new(
+            IngressIndex::new(GatewayConfig::default(), ClassFilter::default()),
+            cache,
+            Arc::new(Clients::default()),
+            Routes::default(),
+            LoadBalancerNames::default(),
+        ))
+    }
+
     fn controller() -> (
         Arc<ServingController>,
         Arc<FakeRuntime>,
         Arc<IngressController>,
     ) {
-        let ingress = Arc::new(IngressController::new(
-            IngressIndex::new(GatewayConfig::default(), ClassFilter::default()),
-            Arc::new(SnapshotCache::new(NodeGrouping::NodeId)),
-            Arc::new(Clients::default()),
-            Routes::default(),
-            LoadBalancerNames::default(),
-        ));
+        let ingress = ingress_into(Arc::new(SnapshotCache::new(NodeGrouping::NodeId)));
         let runtime = Arc::new(FakeRuntime::default());
         let serving = ServingController::new("example.com", ingress.clone(), runtime.clone());
         (serving, runtime, ingress)
@@ -1825,13 +1830,7 @@ mod tests {
         activators: &[u16],
     ) -> (Arc<ServingController>, Arc<FakeRuntime>, Arc<SnapshotCache>) {
         let cache = Arc::new(SnapshotCache::new(NodeGrouping::NodeId));
-        let ingress = Arc::new(IngressController::new(
-            IngressIndex::new(GatewayConfig::default(), ClassFilter::default()),
-            cache.clone(),
-            Arc::new(Clients::default()),
-            Routes::default(),
-            LoadBalancerNames::default(),
-        ));
+        let ingress = ingress_into(cache.clone());
         let runtime = Arc::new(FakeRuntime::default());
         let serving = ServingController::with_autoscaling(
             "example.com",

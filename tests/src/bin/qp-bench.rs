@@ -12,11 +12,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use knarr_tests::bench::{fixed_rate, saturation};
 use knarr_tests::{http_get, Envoy, HttpClient};
 use tokio::process::{Child, Command};
 
@@ -61,69 +60,6 @@ fn spawn(bin: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Ch
     }
     cmd.spawn()
         .with_context(|| format!("starting {}", bin.display()))
-}
-
-/// Open loop at `rate` for `duration`: the latency of every request, from when it was sent.
-/// (Tokio's timer has millisecond granularity, so send times are paced per millisecond; counting
-/// from the scheduled time would measure the timer, not the proxy.)
-async fn fixed_rate(
-    client: &HttpClient,
-    rate: u64,
-    duration: Duration,
-) -> anyhow::Result<Vec<Duration>> {
-    let interval = Duration::from_nanos(1_000_000_000 / rate);
-    let total = (duration.as_secs_f64() * rate as f64) as u64;
-    let start = tokio::time::Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let due = start + interval * i as u32;
-        tokio::time::sleep_until(due).await;
-        let client = client.clone();
-        tasks.spawn(async move {
-            let sent = std::time::Instant::now();
-            let r = client.get("bench", "/").await;
-            (sent.elapsed(), r.map(|r| r.status))
-        });
-    }
-    let mut out = Vec::with_capacity(total as usize);
-    while let Some(done) = tasks.join_next().await {
-        let (latency, status) = done?;
-        if status.as_ref().ok() != Some(&200) {
-            bail!("a request failed: {status:?}");
-        }
-        out.push(latency);
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Closed loop with `connections` workers: requests per second.
-async fn saturation(
-    addr: SocketAddr,
-    connections: usize,
-    duration: Duration,
-) -> anyhow::Result<f64> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..connections {
-        let client = HttpClient::new(addr);
-        let (stop, done) = (stop.clone(), done.clone());
-        tasks.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if matches!(client.get("bench", "/").await, Ok(r) if r.status == 200) {
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-    }
-    let t0 = Instant::now();
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let n = done.load(Ordering::Relaxed);
-    let elapsed = t0.elapsed();
-    while tasks.join_next().await.is_some() {}
-    Ok(n as f64 / elapsed.as_secs_f64())
 }
 
 fn us(d: Duration) -> f64 {
@@ -245,14 +181,14 @@ static_resources:
     ] {
         let client = HttpClient::new(addr);
         // Warm up connections.
-        fixed_rate(&client, rate, Duration::from_millis(500)).await?;
-        let lat = fixed_rate(&client, rate, duration).await?;
+        fixed_rate(&client, "bench", rate, Duration::from_millis(500)).await?;
+        let lat = fixed_rate(&client, "bench", rate, duration).await?;
         let p50 = us(lat[lat.len() / 2]);
         let p99 = us(lat[lat.len() * 99 / 100]);
         if name == "client → app" {
             direct = (p50, p99);
         }
-        let sat = saturation(addr, connections, duration).await?;
+        let sat = saturation(addr, "bench", connections, duration).await?;
         println!(
             "| {name} | {p50:.0} | {p99:.0} | {:.0} | {:.0} | {sat:.0} |",
             p50 - direct.0,
