@@ -76,7 +76,7 @@ fn main() -> ExitCode {
                 tokio::spawn(log_stats(stats_rx));
             }
         }
-        let signal = wait_for_signal().await;
+        let signal = knarr_data_path::wait_for_signal().await;
         info!(signal, "draining");
         running.drain_and_stop().await;
         ExitCode::SUCCESS
@@ -93,25 +93,5 @@ async fn log_stats(mut stats: mpsc::Receiver<RevisionStats>) {
             poke = s.poke,
             "revision stats"
         );
-    }
-}
-
-/// Waits for SIGTERM or SIGINT. SIGHUP is logged and ignored: there is nothing to reload.
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        // Without signal handlers, run until killed.
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return "SIGTERM",
-            _ = int.recv() => return "SIGINT",
-            _ = hup.recv() => info!("SIGHUP ignored: nothing to reload"),
-        }
     }
 }

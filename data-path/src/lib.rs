@@ -158,6 +158,27 @@ pub async fn serve_requests<F, Fut, B>(
     graceful.shutdown().await;
 }
 
+/// Waits for SIGTERM or SIGINT and names it. SIGHUP (which would otherwise end the process) is
+/// logged and ignored: neither binary has configuration to reload. Without signal handlers,
+/// waits forever.
+pub async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => tracing::info!("SIGHUP ignored: nothing to reload"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;

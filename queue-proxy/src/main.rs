@@ -43,31 +43,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        let signal = wait_for_signal().await;
+        let signal = knarr_data_path::wait_for_signal().await;
         info!(signal, "draining");
         running.drain_and_stop().await;
         ExitCode::SUCCESS
     })
-}
-
-/// Waits for SIGTERM or SIGINT. SIGHUP (which would otherwise end the process) is logged and
-/// ignored: there is no configuration to reload.
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        // Without signal handlers, run until killed.
-        std::future::pending::<()>().await;
-        unreachable!()
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return "SIGTERM",
-            _ = int.recv() => return "SIGINT",
-            _ = hup.recv() => tracing::info!("SIGHUP ignored: nothing to reload"),
-        }
-    }
 }

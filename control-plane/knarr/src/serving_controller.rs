@@ -745,11 +745,14 @@ impl ServingController {
 
         // Revisions: a new one for every changed template; the ones whose Configuration is
         // gone are collected (their pods stopped).
+        let mut existing: Vec<Revision> = state.revisions.values().cloned().collect();
         for config in configs.values() {
-            let existing: Vec<Revision> = state.revisions.values().cloned().collect();
             if let Some(revision) = configuration_revision(config, &existing) {
                 info!(revision = %revision.metadata.name, namespace = %revision.metadata.namespace, "revision created");
-                state.revisions.insert(revision_key(&revision), revision);
+                state
+                    .revisions
+                    .insert(revision_key(&revision), revision.clone());
+                existing.push(revision);
             }
         }
         let orphaned: Vec<ServingKey> = state
@@ -1580,6 +1583,11 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// The generation of the (only) applied object.
+    fn generation(serving: &ServingController) -> Option<i64> {
+        serving.lock().applied.values().next()?.meta().generation
+    }
+
     #[test]
     fn apply_says_created_configured_unchanged_and_bumps_the_generation_on_spec_changes_only() {
         let (serving, ..) = controller();
@@ -1592,29 +1600,9 @@ mod tests {
             "metadata: {name: hello, namespace: default, labels: {team: x}}",
         );
         assert_eq!(outcome(&labelled), "configured");
-        assert_eq!(
-            serving
-                .lock()
-                .applied
-                .values()
-                .next()
-                .unwrap()
-                .meta()
-                .generation,
-            Some(1)
-        );
+        assert_eq!(generation(&serving), Some(1));
         assert_eq!(outcome(&service("b", "")), "configured");
-        assert_eq!(
-            serving
-                .lock()
-                .applied
-                .values()
-                .next()
-                .unwrap()
-                .meta()
-                .generation,
-            Some(2)
-        );
+        assert_eq!(generation(&serving), Some(2));
     }
 
     #[test]
