@@ -226,11 +226,11 @@ impl QueueProxy {
             Ok(Ok(resp)) => resp,
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // Refused: an ordinary response, whose body holds the slot and runs under the
+            // timeouts until its last byte.
             let (parts, body) = resp.into_parts();
-            return Response::from_parts(
-                parts,
-                body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
-            );
+            let body = GuardedBody::new(body, guards, deadline, self.idle_timeout);
+            return Response::from_parts(parts, body.boxed_unsync());
         }
         let app_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
@@ -268,4 +268,222 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 struct Guards {
     _in_flight: InFlight,
     _permit: Option<Permit>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use http_body_util::Empty;
+    use hyper::body::{Body, Frame};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::app::Running;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A response body the test writes chunk by chunk; it ends when the sender is dropped.
+    struct Fed(mpsc::UnboundedReceiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.0.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c))))
+        }
+    }
+
+    /// What the app tells the test.
+    enum Seen {
+        /// An Upgrade request, refused with `status`; the test writes the body.
+        Upgrade(mpsc::UnboundedSender<Bytes>),
+        /// An ordinary request (answered "ok" at once).
+        Ordinary,
+    }
+
+    /// An HTTP/1.1 app that refuses every upgrade with `status` and a body the test streams.
+    async fn refusing_app(status: StatusCode) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen, seen_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = seen.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        let body = if req.headers().contains_key(UPGRADE) {
+                            let _ = seen.send(Seen::Upgrade(tx));
+                            Fed(rx)
+                        } else {
+                            let _ = seen.send(Seen::Ordinary);
+                            tx.send(Bytes::from_static(b"ok")).unwrap();
+                            drop(tx);
+                            Fed(rx)
+                        };
+                        let mut resp = Response::new(body);
+                        if req.headers().contains_key(UPGRADE) {
+                            *resp.status_mut() = status;
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades(),
+                );
+            }
+        });
+        (addr, seen_rx)
+    }
+
+    fn config(user_port: u16, container_concurrency: usize, idle: Option<Duration>) -> Config {
+        Config {
+            namespace: "default".into(),
+            configuration: "hello".into(),
+            revision: "hello-00001".into(),
+            pod: "hello-00001-pod".into(),
+            pod_ip: "127.0.0.1".into(),
+            service: None,
+            serving_port: 0,
+            user_port,
+            container_concurrency,
+            revision_timeout: Duration::from_secs(300),
+            response_start_timeout: None,
+            idle_timeout: idle,
+            readiness_probe: None,
+            admin_port: 0,
+            metrics_port: 0,
+            user_metrics_port: 0,
+            bind: [127, 0, 0, 1].into(),
+            drain_quiet_period: Duration::from_millis(100),
+        }
+    }
+
+    /// An HTTP/1.1 connection to `addr`.
+    async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        sender
+    }
+
+    fn upgrade_request() -> Request<Empty<Bytes>> {
+        Request::get("/ws")
+            .header(http::header::HOST, "x")
+            .header(CONNECTION, "Upgrade")
+            .header(UPGRADE, "websocket")
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    async fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
+        let give_up = Instant::now() + WAIT;
+        while !done() {
+            assert!(Instant::now() < give_up, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// An app that refuses an upgrade (200 or 400) streams an ordinary body: until its last
+    /// byte, the request keeps its breaker slot and its place in the concurrency count, so with
+    /// CONTAINER_CONCURRENCY 1 the next request waits instead of reaching the app alongside it.
+    #[tokio::test]
+    async fn a_refused_upgrade_holds_its_slot_until_its_body_ends() {
+        for status in [StatusCode::OK, StatusCode::BAD_REQUEST] {
+            let (app, mut seen) = refusing_app(status).await;
+            let qp = Running::start(config(app.port(), 1, None)).await.unwrap();
+            let breaker = qp.proxy.breaker.as_ref().unwrap();
+
+            let mut upgrade_conn = connect(qp.serving_addr).await;
+            let resp = upgrade_conn.send_request(upgrade_request()).await.unwrap();
+            let Some(Seen::Upgrade(chunks)) = seen.recv().await else {
+                panic!("the app saw no upgrade request");
+            };
+            assert_eq!(resp.status(), status);
+            let mut body = resp.into_body();
+            chunks.send(Bytes::from_static(b"one ")).unwrap();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(first, "one ");
+
+            // The refused upgrade's body is still streaming; an ordinary request arrives.
+            let mut ordinary_conn = connect(qp.serving_addr).await;
+            let ordinary = tokio::spawn(async move {
+                let req = Request::get("/")
+                    .header(http::header::HOST, "x")
+                    .body(Empty::new())
+                    .unwrap();
+                let resp = ordinary_conn.send_request(req).await.unwrap();
+                let status = resp.status();
+                (status, resp.into_body().collect().await.unwrap().to_bytes())
+            });
+            tokio::select! {
+                s = seen.recv() => {
+                    assert!(
+                        !matches!(s, Some(Seen::Ordinary)),
+                        "{status}: the ordinary request reached the app while the refused \
+                         upgrade's body was still streaming (CONTAINER_CONCURRENCY 1)"
+                    );
+                    panic!("the app went away");
+                }
+                () = poll_until("the ordinary request to queue", || breaker.waiting() == 1) => {}
+            }
+            assert_eq!(breaker.in_flight(), 1);
+            assert_eq!(qp.proxy.stats.in_flight(), 2);
+
+            // The body ends; only then does the ordinary request go through.
+            chunks.send(Bytes::from_static(b"two ")).unwrap();
+            chunks.send(Bytes::from_static(b"three")).unwrap();
+            drop(chunks);
+            let rest = body.collect().await.unwrap().to_bytes();
+            assert_eq!(rest, "two three");
+            assert!(matches!(seen.recv().await, Some(Seen::Ordinary)));
+            let (ordinary_status, ordinary_body) = ordinary.await.unwrap();
+            assert_eq!(ordinary_status, StatusCode::OK);
+            assert_eq!(ordinary_body, "ok");
+            poll_until("nothing in flight", || qp.proxy.stats.in_flight() == 0).await;
+            assert_eq!(breaker.in_flight(), 0);
+        }
+    }
+
+    /// A refused upgrade's body is under the idle timeout like any response: an app that stops
+    /// sending is cut off and the request's slot comes back.
+    #[tokio::test]
+    async fn a_refused_upgrade_body_is_cut_by_the_idle_timeout() {
+        let (app, mut seen) = refusing_app(StatusCode::BAD_REQUEST).await;
+        let idle = Duration::from_millis(200);
+        let qp = Running::start(config(app.port(), 1, Some(idle)))
+            .await
+            .unwrap();
+        let mut conn = connect(qp.serving_addr).await;
+        let resp = conn.send_request(upgrade_request()).await.unwrap();
+        let Some(Seen::Upgrade(chunks)) = seen.recv().await else {
+            panic!("the app saw no upgrade request");
+        };
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        chunks.send(Bytes::from_static(b"partial")).unwrap();
+        // Then nothing, with the app's side still open.
+        let cut = tokio::time::timeout(WAIT, resp.into_body().collect()).await;
+        assert!(
+            matches!(cut, Ok(Err(_))),
+            "a stalled refused upgrade must fail on the idle timeout, not hang"
+        );
+        poll_until("nothing in flight", || qp.proxy.stats.in_flight() == 0).await;
+        drop(chunks);
+    }
 }
