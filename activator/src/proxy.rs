@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Either, Empty, Full};
@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use knarr_data_path::GuardedBody;
+use knarr_data_path::{forward, GuardedBody};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -163,7 +163,7 @@ impl Proxy {
             _in_flight: in_flight,
             lease,
         };
-        if is_upgrade(&req) {
+        if forward::is_upgrade(req.version(), req.headers()) {
             return self.upgrade(req, peer, guards, deadline).await;
         }
         self.forward(req, peer, guards, spec, deadline).await
@@ -217,7 +217,7 @@ impl Proxy {
             Ok(Ok(resp)) => resp,
         };
         let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
+        forward::strip_hop_by_hop(&mut parts.headers, false);
         let body = GuardedBody::new(body, guards, deadline, spec.idle_timeout);
         Response::from_parts(parts, body.boxed_unsync())
     }
@@ -275,7 +275,7 @@ impl Proxy {
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers, false);
+            forward::strip_hop_by_hop(&mut parts.headers, false);
             let body = GuardedBody::new(body, guards, deadline, None);
             return Response::from_parts(parts, body.boxed_unsync());
         }
@@ -292,7 +292,7 @@ impl Proxy {
             }
         });
         let (mut parts, _) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers, true);
+        forward::strip_hop_by_hop(&mut parts.headers, true);
         Response::from_parts(
             parts,
             Empty::new().map_err(|never| match never {}).boxed_unsync(),
@@ -315,21 +315,8 @@ fn to_pod(
     upgrade: bool,
 ) -> Request<UpstreamBody> {
     let (mut parts, body) = req.into_parts();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(authority);
-    uri.path_and_query = Some(path_and_query);
-    parts.uri = http::Uri::from_parts(uri).expect("scheme, authority and path make a URI");
-    if parts.version != Version::HTTP_2 {
-        parts.version = Version::HTTP_11;
-    }
+    forward::to_upstream(&mut parts, authority, upgrade);
     let headers = &mut parts.headers;
-    strip_hop_by_hop(headers, upgrade);
     headers.insert(PROXY_HEADER, HeaderValue::from_static("activator"));
     // As any HTTP proxy: the client joins the end of the list (several headers fold into one).
     let mut forwarded: Vec<String> = headers
@@ -347,110 +334,8 @@ fn to_pod(
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// Removes the headers that describe one connection rather than the message (RFC 9110 §7.6.1),
-/// and those the `Connection` header names. `TE: trailers` stays (gRPC needs it); for an upgrade
-/// `Connection: upgrade` and `Upgrade` stay.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
-        }
-    }
-    for name in [
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
-    }
-    if headers
-        .get(header::TE)
-        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(header::TE);
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    }
-}
-
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
 /// Held for as long as a request is in flight, response body included.
 struct Guards {
     _in_flight: InFlight,
     lease: Lease,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
-    #[test]
-    fn hop_by_hop_headers_go() {
-        let mut h = headers(&[
-            ("connection", "keep-alive, x-private"),
-            ("keep-alive", "timeout=5"),
-            ("x-private", "1"),
-            ("transfer-encoding", "chunked"),
-            ("te", "gzip"),
-            ("upgrade", "h2c"),
-            ("x-kept", "1"),
-        ]);
-        strip_hop_by_hop(&mut h, false);
-        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["x-kept"]);
-
-        let mut h = headers(&[("te", "trailers"), ("proxy-connection", "keep-alive")]);
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.get("te").unwrap(), "trailers");
-        assert!(!h.contains_key("proxy-connection"));
-    }
-
-    #[test]
-    fn upgrades_keep_their_headers() {
-        let req = Request::get("/ws")
-            .header("connection", "keep-alive, Upgrade")
-            .header("upgrade", "websocket")
-            .body(())
-            .unwrap();
-        assert!(is_upgrade(&req));
-        let mut h = req.headers().clone();
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get("upgrade").unwrap(), "websocket");
-        assert_eq!(h.get("connection").unwrap(), "upgrade");
-        let plain = Request::get("/").header("upgrade", "h2c").body(()).unwrap();
-        assert!(!is_upgrade(&plain));
-    }
 }

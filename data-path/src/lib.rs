@@ -1,7 +1,12 @@
-//! HTTP pieces the queue-proxy and the activator share: both serve HTTP/1.1 and h2c on one port
-//! ([`serve_requests`]), forward each request and stream the response back while something must
-//! stay held (the request's place in the concurrency count, a breaker slot, a pod's capacity)
-//! until the last byte, under the revision's timeouts ([`GuardedBody`]).
+//! The data-path toolkit the queue-proxy and the activator share. Both
+//!
+//! - serve HTTP/1.1 and h2c on one port, upgrades included ([`serve_requests`]);
+//! - forward each request as an HTTP intermediary: upgrades told apart, hop-by-hop headers left
+//!   on their hop both ways, the upstream's address put in the URI ([`forward`]);
+//! - stream the response back while something must stay held (the request's place in the
+//!   concurrency count, a breaker slot, a pod's capacity) until its last byte, under the
+//!   revision's total and idle timeouts ([`GuardedBody`]) — a refused upgrade's response too;
+//! - stop on SIGTERM or SIGINT ([`wait_for_signal`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +27,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
+
+pub mod forward;
 
 /// Errors of a streamed body, boxed as hyper's bodies box them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, UPGRADE};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use knarr_data_path::GuardedBody;
+use knarr_data_path::{forward, GuardedBody};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -132,28 +132,21 @@ impl QueueProxy {
             _in_flight: in_flight,
             _permit: permit,
         };
-        if is_upgrade(&req) {
+        if forward::is_upgrade(req.version(), req.headers()) {
             return self.upgrade(req, guards, deadline).await;
         }
         self.forward(req, guards, deadline).await
     }
 
-    fn to_app(&self, mut req: Request<Incoming>) -> Request<Incoming> {
+    /// The request as the app gets it: its address in the URI (the `Host` header stays),
+    /// hop-by-hop and routing headers gone.
+    fn to_app(&self, req: Request<Incoming>, upgrade: bool) -> Request<Incoming> {
+        let (mut parts, body) = req.into_parts();
+        forward::to_upstream(&mut parts, self.authority.clone(), upgrade);
         for h in INTERNAL_HEADERS {
-            req.headers_mut().remove(h);
+            parts.headers.remove(h);
         }
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        *req.uri_mut() =
-            http::Uri::from_parts(parts).expect("scheme, authority and path make a URI");
-        req
+        Request::from_parts(parts, body)
     }
 
     async fn forward(
@@ -163,11 +156,8 @@ impl QueueProxy {
         deadline: Instant,
     ) -> Response<ProxyBody> {
         let http2 = req.version() == Version::HTTP_2;
-        let mut req = self.to_app(req);
+        let req = self.to_app(req, false);
         let client = if http2 { &self.http2 } else { &self.http1 };
-        if !http2 {
-            *req.version_mut() = Version::HTTP_11;
-        }
         let headers_by = match self.response_start_timeout {
             Some(t) => deadline.min(Instant::now() + t),
             None => deadline,
@@ -189,7 +179,8 @@ impl QueueProxy {
             }
             Ok(Ok(resp)) => resp,
         };
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        forward::strip_hop_by_hop(&mut parts.headers, false);
         let body = GuardedBody::new(body, guards, deadline, self.idle_timeout);
         Response::from_parts(parts, body.boxed_unsync())
     }
@@ -203,7 +194,7 @@ impl QueueProxy {
         deadline: Instant,
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut req);
-        let app_req = self.to_app(req);
+        let app_req = self.to_app(req, true);
         let connect = async {
             let stream = tokio::net::TcpStream::connect(self.user).await?;
             stream.set_nodelay(true)?;
@@ -228,7 +219,8 @@ impl QueueProxy {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // Refused: an ordinary response, whose body holds the slot and runs under the
             // timeouts until its last byte.
-            let (parts, body) = resp.into_parts();
+            let (mut parts, body) = resp.into_parts();
+            forward::strip_hop_by_hop(&mut parts.headers, false);
             let body = GuardedBody::new(body, guards, deadline, self.idle_timeout);
             return Response::from_parts(parts, body.boxed_unsync());
         }
@@ -244,7 +236,8 @@ impl QueueProxy {
                 Err(e) => debug!(error = %e, "upgrade failed"),
             }
         });
-        let (parts, _) = resp.into_parts();
+        let (mut parts, _) = resp.into_parts();
+        forward::strip_hop_by_hop(&mut parts.headers, true);
         Response::from_parts(
             parts,
             http_body_util::Empty::new()
@@ -252,16 +245,6 @@ impl QueueProxy {
                 .boxed_unsync(),
         )
     }
-}
-
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(UPGRADE)
-        && req
-            .headers()
-            .get(CONNECTION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
 }
 
 /// Held for as long as a request is in flight, response body included.
@@ -280,6 +263,8 @@ mod tests {
     use hyper::body::{Body, Frame};
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
+
+    use http::header::{CONNECTION, UPGRADE};
 
     use super::*;
     use crate::app::Running;
@@ -305,12 +290,14 @@ mod tests {
     enum Seen {
         /// An Upgrade request, refused with `status`; the test writes the body.
         Upgrade(mpsc::UnboundedSender<Bytes>),
-        /// An ordinary request (answered "ok" at once).
-        Ordinary,
+        /// An ordinary request, with the headers it came with (answered "ok" at once, with a
+        /// header that only its `Connection` names).
+        Ordinary(http::HeaderMap),
     }
 
-    /// An HTTP/1.1 app that refuses every upgrade with `status` and a body the test streams.
-    async fn refusing_app(status: StatusCode) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    /// An HTTP/1.1 app that refuses every upgrade with `status` and a body the test streams, and
+    /// answers other requests "ok".
+    async fn app(status: StatusCode) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (seen, seen_rx) = mpsc::unbounded_channel();
@@ -324,18 +311,17 @@ mod tests {
                     let seen = seen.clone();
                     async move {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        let body = if req.headers().contains_key(UPGRADE) {
-                            let _ = seen.send(Seen::Upgrade(tx));
-                            Fed(rx)
-                        } else {
-                            let _ = seen.send(Seen::Ordinary);
-                            tx.send(Bytes::from_static(b"ok")).unwrap();
-                            drop(tx);
-                            Fed(rx)
-                        };
-                        let mut resp = Response::new(body);
+                        let mut resp = Response::new(Fed(rx));
                         if req.headers().contains_key(UPGRADE) {
                             *resp.status_mut() = status;
+                            let _ = seen.send(Seen::Upgrade(tx));
+                        } else {
+                            let _ = seen.send(Seen::Ordinary(req.headers().clone()));
+                            tx.send(Bytes::from_static(b"ok")).unwrap();
+                            let h = resp.headers_mut();
+                            h.insert(CONNECTION, HeaderValue::from_static("x-app-private"));
+                            h.insert("x-app-private", HeaderValue::from_static("1"));
+                            h.insert("x-app-public", HeaderValue::from_static("1"));
                         }
                         Ok::<_, Infallible>(resp)
                     }
@@ -406,7 +392,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_upgrade_holds_its_slot_until_its_body_ends() {
         for status in [StatusCode::OK, StatusCode::BAD_REQUEST] {
-            let (app, mut seen) = refusing_app(status).await;
+            let (app, mut seen) = app(status).await;
             let qp = Running::start(config(app.port(), 1, None)).await.unwrap();
             let breaker = qp.proxy.breaker.as_ref().unwrap();
 
@@ -435,7 +421,7 @@ mod tests {
             tokio::select! {
                 s = seen.recv() => {
                     assert!(
-                        !matches!(s, Some(Seen::Ordinary)),
+                        !matches!(s, Some(Seen::Ordinary(_))),
                         "{status}: the ordinary request reached the app while the refused \
                          upgrade's body was still streaming (CONTAINER_CONCURRENCY 1)"
                     );
@@ -452,7 +438,7 @@ mod tests {
             drop(chunks);
             let rest = body.collect().await.unwrap().to_bytes();
             assert_eq!(rest, "two three");
-            assert!(matches!(seen.recv().await, Some(Seen::Ordinary)));
+            assert!(matches!(seen.recv().await, Some(Seen::Ordinary(_))));
             let (ordinary_status, ordinary_body) = ordinary.await.unwrap();
             assert_eq!(ordinary_status, StatusCode::OK);
             assert_eq!(ordinary_body, "ok");
@@ -465,7 +451,7 @@ mod tests {
     /// sending is cut off and the request's slot comes back.
     #[tokio::test]
     async fn a_refused_upgrade_body_is_cut_by_the_idle_timeout() {
-        let (app, mut seen) = refusing_app(StatusCode::BAD_REQUEST).await;
+        let (app, mut seen) = app(StatusCode::BAD_REQUEST).await;
         let idle = Duration::from_millis(200);
         let qp = Running::start(config(app.port(), 1, Some(idle)))
             .await
@@ -485,5 +471,41 @@ mod tests {
         );
         poll_until("nothing in flight", || qp.proxy.stats.in_flight() == 0).await;
         drop(chunks);
+    }
+
+    /// Hop-by-hop headers stay on their hop both ways (RFC 9110 §7.6.1), the headers a
+    /// `Connection` names included; the gateway's routing headers stop here too.
+    #[tokio::test]
+    async fn hop_by_hop_headers_stay_behind() {
+        let (app, mut seen) = app(StatusCode::BAD_REQUEST).await;
+        let qp = Running::start(config(app.port(), 0, None)).await.unwrap();
+        let mut conn = connect(qp.serving_addr).await;
+        let req = Request::get("/")
+            .header(http::header::HOST, "x")
+            .header(CONNECTION, "keep-alive, X-Client-Private")
+            .header("keep-alive", "timeout=5")
+            .header("x-client-private", "1")
+            .header("x-client-public", "1")
+            .header("knative-serving-revision", "hello-00001")
+            .body(Empty::new())
+            .unwrap();
+        let resp = conn.send_request(req).await.unwrap();
+        let Some(Seen::Ordinary(at_app)) = seen.recv().await else {
+            panic!("the app saw no ordinary request");
+        };
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-client-private",
+            "knative-serving-revision",
+        ] {
+            assert!(!at_app.contains_key(gone), "{gone} reached the app");
+        }
+        assert_eq!(at_app.get("x-client-public").unwrap(), "1");
+        assert_eq!(at_app.get("host").unwrap(), "x");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(!resp.headers().contains_key("x-app-private"));
+        assert_eq!(resp.headers().get("x-app-public").unwrap(), "1");
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
     }
 }
