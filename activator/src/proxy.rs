@@ -164,7 +164,7 @@ impl Proxy {
             lease,
         };
         if forward::is_upgrade(req.version(), req.headers()) {
-            return self.upgrade(req, peer, guards, deadline).await;
+            return self.upgrade(req, peer, guards, spec, deadline).await;
         }
         self.forward(req, peer, guards, spec, deadline).await
     }
@@ -229,6 +229,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         guards: Guards,
+        spec: Spec,
         deadline: Instant,
     ) -> Response<ProxyBody> {
         let metrics = &self.revisions.shared().metrics;
@@ -274,9 +275,10 @@ impl Proxy {
             Ok(Ok(resp)) => resp,
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // Refused: an ordinary response, under the same timeouts.
             let (mut parts, body) = resp.into_parts();
             forward::strip_hop_by_hop(&mut parts.headers, false);
-            let body = GuardedBody::new(body, guards, deadline, None);
+            let body = GuardedBody::new(body, guards, deadline, spec.idle_timeout);
             return Response::from_parts(parts, body.boxed_unsync());
         }
         let pod_upgrade = hyper::upgrade::on(&mut resp);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http::Version;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use knarr_activator::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -351,6 +351,52 @@ async fn upgrades_pass_through() {
         .unwrap();
     assert_eq!(&echoed, b"ping over the upgrade");
     drop(upgraded);
+    wait_until("the slot is free again", || {
+        act.revisions.state("default", "ws").unwrap().proxied == 0
+    })
+    .await;
+}
+
+/// A pod that refuses an upgrade answers an ordinary response: its body holds the pod's slot
+/// and is under the revision's idle timeout, so a pod that stops sending is cut off and the slot
+/// comes back.
+#[tokio::test]
+async fn a_refused_upgrade_is_under_the_idle_timeout() {
+    let (act, _stats) = activator(config()).await;
+    let pod = Pod::builder("pod-a").refuse_upgrades().start().await;
+    let mut rev = revision("ws", 1, 0, &[&pod]);
+    rev.idle_timeout_seconds = 1;
+    act.revisions.upsert(rev).unwrap();
+    wait_until("the pod is ready", || {
+        act.revisions.state("default", "ws").unwrap().ready_pods == 1
+    })
+    .await;
+
+    let stream = tokio::net::TcpStream::connect(act.listen_addr)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let resp = sender
+        .send_request(
+            request(act.listen_addr, "ws")
+                .header("connection", "upgrade")
+                .header("upgrade", "echo")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "refused");
+    // The body is still streaming: the slot is taken.
+    assert_eq!(act.revisions.state("default", "ws").unwrap().proxied, 1);
+    let cut = within("the idle timeout to cut the stalled body", body.frame()).await;
+    assert!(matches!(cut, Some(Err(_))), "{cut:?}");
     wait_until("the slot is free again", || {
         act.revisions.state("default", "ws").unwrap().proxied == 0
     })

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -49,8 +50,9 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 
 /// A fake pod: answers `K-Network-Probe: queue` like a queue-proxy (200 `queue` when ready, 503
 /// when not), answers other requests with its name, echoes what it received in `x-seen-*`
-/// headers, and counts. Upgrade requests get 101 and an echo of the bytes sent. Optionally slow,
-/// or gated: responses wait until the test lets them go.
+/// headers, and counts. Upgrade requests get 101 and an echo of the bytes sent (or, refusing
+/// upgrades, a 400 whose body stops after its first bytes). Optionally slow, or gated: responses
+/// wait until the test lets them go.
 pub struct Pod {
     pub name: String,
     pub addr: SocketAddr,
@@ -63,6 +65,7 @@ struct PodState {
     ready: AtomicBool,
     delay: Duration,
     gate: Option<Semaphore>,
+    refuse_upgrades: bool,
     probes: AtomicU64,
     requests: AtomicU64,
     requests_while_unready: AtomicU64,
@@ -79,6 +82,7 @@ pub struct PodBuilder {
     ready: bool,
     delay: Duration,
     gated: bool,
+    refuse_upgrades: bool,
     listen: SocketAddr,
 }
 
@@ -101,6 +105,12 @@ impl PodBuilder {
         self
     }
 
+    /// Upgrade requests get 400 and a body that sends `refused` and then nothing, never ending.
+    pub fn refuse_upgrades(mut self) -> Self {
+        self.refuse_upgrades = true;
+        self
+    }
+
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.listen = addr;
         self
@@ -114,6 +124,7 @@ impl PodBuilder {
             ready: AtomicBool::new(self.ready),
             delay: self.delay,
             gate: self.gated.then(|| Semaphore::new(0)),
+            refuse_upgrades: self.refuse_upgrades,
             probes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             requests_while_unready: AtomicU64::new(0),
@@ -152,11 +163,11 @@ impl PodBuilder {
 }
 
 impl PodState {
-    async fn serve(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn serve(&self, mut req: Request<Incoming>) -> Response<PodBody> {
         if req.headers().contains_key("k-network-probe") {
             self.probes.fetch_add(1, Ordering::SeqCst);
             return if self.ready.load(Ordering::SeqCst) {
-                Response::new(Full::new(Bytes::from_static(b"queue")))
+                Response::new(Full::new(Bytes::from_static(b"queue")).boxed())
             } else {
                 status(StatusCode::SERVICE_UNAVAILABLE, "not ready")
             };
@@ -176,6 +187,15 @@ impl PodState {
         }
         let version = req.version();
 
+        if req.headers().contains_key(http::header::UPGRADE) && self.refuse_upgrades {
+            let stalled = tokio_stream::StreamExt::chain(
+                tokio_stream::once(Ok(Frame::data(Bytes::from_static(b"refused")))),
+                tokio_stream::pending(),
+            );
+            let mut resp = Response::new(StreamBody::new(stalled).boxed());
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+            return resp;
+        }
         if req.headers().contains_key(http::header::UPGRADE) {
             let upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
@@ -204,7 +224,7 @@ impl PodState {
             }
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        let mut resp = Response::new(Full::new(Bytes::from(self.name.clone())));
+        let mut resp = Response::new(Full::new(Bytes::from(self.name.clone())).boxed());
         let h = resp.headers_mut();
         h.insert("x-pod", self.name.parse().unwrap());
         h.insert("x-seen-version", format!("{version:?}").parse().unwrap());
@@ -219,8 +239,11 @@ impl PodState {
     }
 }
 
-fn status(code: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+/// What a fake pod answers with.
+type PodBody = BoxBody<Bytes, Infallible>;
+
+fn status(code: StatusCode, body: &'static str) -> Response<PodBody> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
     *resp.status_mut() = code;
     resp
 }
@@ -232,6 +255,7 @@ impl Pod {
             ready: true,
             delay: Duration::ZERO,
             gated: false,
+            refuse_upgrades: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
