@@ -1,7 +1,6 @@
 //! Wires the activator together: the revision table, the request listener, the admin server and
 //! the stats reporter; runs until drained.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -10,9 +9,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use knarr_data_path::admin;
 use knarr_proto::activator::RevisionStats;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -73,7 +70,15 @@ impl Running {
                 async move { proxy.handle(req, peer).await }
             },
         ));
-        tasks.spawn(serve_admin(admin, Arc::clone(&drainer), registry, stop_rx));
+        let admin_drainer = Arc::clone(&drainer);
+        tasks.spawn(admin::serve_simple(
+            admin,
+            stop_rx,
+            move |req: Request<Incoming>| {
+                let resp = admin_response(req.uri().path(), &admin_drainer, &registry);
+                async move { resp }
+            },
+        ));
         let reporter = spawn_reporter(revisions.clone(), REPORTING_PERIOD);
         info!(
             listen = %listen_addr,
@@ -116,64 +121,15 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
-fn text(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    resp
-}
-
 fn admin_response(path: &str, drainer: &Drainer, registry: &Registry) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     match path {
-        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n"),
+        "/healthz" => admin::text(StatusCode::OK, PLAIN, "ok\n"),
         "/readyz" if drainer.is_draining() => {
-            text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
+            admin::text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
         }
-        "/readyz" => text(StatusCode::OK, PLAIN, "ready\n"),
-        "/metrics" => {
-            let mut out = String::new();
-            match prometheus_client::encoding::text::encode(&mut out, registry) {
-                Ok(()) => text(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    out,
-                ),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, e.to_string()),
-            }
-        }
-        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
-    }
-}
-
-async fn serve_admin(
-    listener: TcpListener,
-    drainer: Arc<Drainer>,
-    registry: Arc<Registry>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let (drainer, registry) = (Arc::clone(&drainer), Arc::clone(&registry));
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let resp = admin_response(req.uri().path(), &drainer, &registry);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        "/readyz" => admin::text(StatusCode::OK, PLAIN, "ready\n"),
+        "/metrics" => admin::metrics(registry),
+        _ => admin::text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
 }

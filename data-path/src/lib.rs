@@ -6,6 +6,7 @@
 //! - stream the response back while something must stay held (the request's place in the
 //!   concurrency count, a breaker slot, a pod's capacity) until its last byte, under the
 //!   revision's total and idle timeouts ([`GuardedBody`]) — a refused upgrade's response too;
+//! - serve their small admin and metrics ports ([`admin`]);
 //! - stop on SIGTERM or SIGINT ([`wait_for_signal`]).
 
 use std::future::Future;
@@ -28,6 +29,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
+pub mod admin;
 pub mod forward;
 
 /// Errors of a streamed body, boxed as hyper's bodies box them.

@@ -1,19 +1,15 @@
 //! Wires the queue-proxy together: binds its four ports, starts probing and stats reporting,
 //! and runs until drained.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use knarr_data_path::admin::{self, serve_simple};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -41,49 +37,10 @@ pub struct Running {
     tasks: JoinSet<()>,
 }
 
-fn text(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    resp
-}
-
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for {what} on {addr}"))
-}
-
-/// Serves plain request/response handlers (admin and metrics ports) until `stop`.
-async fn serve_simple<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
 }
 
 impl Running {
@@ -164,7 +121,7 @@ impl Running {
             stop_rx.clone(),
             move |_req: Request<Incoming>| {
                 let body = stat_source.latest_encoded();
-                async move { text(StatusCode::OK, "application/protobuf", body) }
+                async move { admin::text(StatusCode::OK, "application/protobuf", body) }
             },
         ));
         let mut registry = Registry::default();
@@ -174,22 +131,8 @@ impl Running {
             user_metrics,
             stop_rx,
             move |_req: Request<Incoming>| {
-                let mut out = String::new();
-                let result = prometheus_client::encoding::text::encode(&mut out, &registry);
-                async move {
-                    match result {
-                        Ok(()) => text(
-                            StatusCode::OK,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            out,
-                        ),
-                        Err(e) => text(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "text/plain",
-                            e.to_string(),
-                        ),
-                    }
-                }
+                let resp = admin::metrics(&registry);
+                async move { resp }
             },
         ));
         info!(
