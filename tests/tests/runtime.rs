@@ -110,7 +110,10 @@ fn alive(pid: u32) -> bool {
 
 fn pids(pods: &[PodStatus]) -> Vec<u32> {
     pods.iter()
-        .flat_map(|p| [p.app_pid, p.queue_proxy_pid])
+        .flat_map(|p| {
+            let local = p.local.clone().unwrap_or_default();
+            [local.app_pid, local.queue_proxy_pid]
+        })
         .map(|pid| pid.expect("a ready pod has both processes"))
         .collect()
 }
@@ -178,12 +181,12 @@ async fn scale_up_then_down_drains_one_pod_while_the_other_serves() {
 
     // The stopped pod's log: both processes, and the runtime's notes on the drain.
     assert_eq!(
-        leaving.log_path,
+        leaving.local.as_ref().unwrap().log_path,
         dir.path()
             .join("default/hello-00001")
             .join(format!("{}.log", leaving.name))
     );
-    let log = std::fs::read_to_string(&leaving.log_path).unwrap();
+    let log = std::fs::read_to_string(&leaving.local.as_ref().unwrap().log_path).unwrap();
     for needle in [
         "[app] knarr-echo hello listening on 127.0.0.1:",
         "[queue] ",
@@ -228,7 +231,7 @@ async fn a_crashing_command_restarts_with_back_off_and_reports_why() {
         error.starts_with("app exited unexpectedly (exit status: 3)") && error.ends_with("boom"),
         "{error}"
     );
-    let log = std::fs::read_to_string(&pod.log_path).unwrap();
+    let log = std::fs::read_to_string(&pod.local.as_ref().unwrap().log_path).unwrap();
     assert!(log.contains("[app] boom"), "{log}");
 
     rt.scale(&rev, 0).unwrap();

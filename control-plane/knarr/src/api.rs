@@ -213,11 +213,7 @@ fn handle(state: &ApiState, req: &Request<Bytes>) -> Response<Full<Bytes>> {
             }
         }
         (Endpoint::Object(kind, ns, name), _) => {
-            match serving
-                .list(kind)
-                .into_iter()
-                .find(|item| namespace_of(item) == ns && item["metadata"]["name"] == name)
-            {
+            match serving.get(&ServingKey::new(kind, ns, name)) {
                 Some(item) => json(StatusCode::OK, &item),
                 None => text(
                     StatusCode::NOT_FOUND,
@@ -399,6 +395,9 @@ mod tests {
         }
         fn subscribe(&self) -> watch::Receiver<u64> {
             self.0.subscribe()
+        }
+        fn changed_since(&self, since: u64) -> (u64, Vec<String>) {
+            (since, Vec::new())
         }
     }
 

@@ -60,8 +60,29 @@ pub struct IngressController {
     probes: Option<Arc<ProbeResults>>,
     /// Ingresses whose current version is not confirmed by probing yet.
     probe_pending: Mutex<std::collections::BTreeSet<ObjectKey>>,
-    /// What activators follow (`knarr.activator.v1.Revision`), published with the ingresses.
-    activator_revisions: Mutex<BTreeMap<String, Arc<Resource>>>,
+    /// What activators follow (`knarr.activator.v1.Revision`), published with the ingresses;
+    /// kept as a builder so that each publish takes the whole set in O(1).
+    activator_revisions: Mutex<SnapshotBuilder>,
+}
+
+/// Wakes whoever waits on the gateways: an Envoy connected, left or ACKed, or a hash probe
+/// confirmed an ingress.
+pub struct GatewayChanges {
+    clients: watch::Receiver<u64>,
+    probes: Option<watch::Receiver<u64>>,
+}
+
+impl GatewayChanges {
+    /// Waits for the next change; `false` once nothing can change any more.
+    pub async fn changed(&mut self) -> bool {
+        match &mut self.probes {
+            Some(probes) => tokio::select! {
+                r = self.clients.changed() => r.is_ok(),
+                r = probes.changed() => r.is_ok(),
+            },
+            None => self.clients.changed().await.is_ok(),
+        }
+    }
 }
 
 impl IngressController {
@@ -82,7 +103,7 @@ impl IngressController {
             names,
             probes: None,
             probe_pending: Mutex::new(Default::default()),
-            activator_revisions: Mutex::new(BTreeMap::new()),
+            activator_revisions: Mutex::new(SnapshotBuilder::default()),
         }
     }
 
@@ -248,30 +269,70 @@ impl IngressController {
     /// The index's snapshot plus any static routes and activator revisions.
     fn compose(&self, index: &IngressIndex) -> knarr_xds::Snapshot {
         let activator = self.activator_revisions.lock().unwrap();
+        let activators = activator.resources(ResourceType::ActivatorRevision);
         if self.statics.gateways.is_empty()
             && self.statics.backends.is_empty()
-            && activator.is_empty()
+            && activators.is_empty()
         {
             return index.snapshot();
         }
         let mut builder: SnapshotBuilder = index.snapshot().to_builder();
         knarr_translate::add_to(&mut builder, &self.statics.gateways, &self.statics.backends);
-        for resource in activator.values() {
-            builder.insert_resource(ResourceType::ActivatorRevision, resource.clone());
-        }
+        builder.set_type_from(ResourceType::ActivatorRevision, &activator);
         builder.build()
     }
 
-    /// Replaces what activators follow, publishing if it changed.
-    pub fn set_activator_revisions(&self, revisions: BTreeMap<String, Arc<Resource>>) {
+    /// Changes what activators follow (by `namespace/name`; `None` removes), publishing if
+    /// anything changed.
+    pub fn update_activator_revisions(&self, changes: Vec<(String, Option<Arc<Resource>>)>) {
+        if changes.is_empty() {
+            return;
+        }
         {
             let mut current = self.activator_revisions.lock().unwrap();
-            if *current == revisions {
-                return;
+            for (name, resource) in changes {
+                match resource {
+                    Some(resource) => {
+                        current.insert_resource(ResourceType::ActivatorRevision, resource)
+                    }
+                    None => current.remove(ResourceType::ActivatorRevision, &name),
+                };
             }
-            *current = revisions;
         }
         self.publish();
+    }
+
+    /// Whether every gateway serves the ingress `key` as last applied (ACKed and, with
+    /// probing, confirmed).
+    pub fn ingress_ready(&self, key: &ObjectKey) -> bool {
+        let index = self.index.lock().unwrap();
+        let Some(state) = index.state(key) else {
+            return false;
+        };
+        let snapshot = self.cache.get(knarr_xds::DEFAULT_GROUP).unwrap_or_default();
+        let probe = match &self.probes {
+            None => Probe::Off,
+            Some(p) if p.confirmed(&state.key, &state.hash) => Probe::Confirmed,
+            Some(_) => Probe::Pending,
+        };
+        let errors = self.object_errors();
+        status::report(
+            &state,
+            &snapshot,
+            &self.clients,
+            probe,
+            errors.get(key).map(String::as_str),
+            &self.names,
+        )
+        .is_ready()
+    }
+
+    /// Subscribes to what moves the gateways' readiness (ACKs, probes).
+    pub fn gateway_changes(&self) -> GatewayChanges {
+        GatewayChanges {
+            clients: self.clients.subscribe(),
+            probes: self.probes.as_ref().map(|p| p.subscribe()),
+        }
     }
 
     /// Whether every connected gateway holds the current endpoints of every cluster of the
@@ -281,8 +342,8 @@ impl IngressController {
         let prefix = format!("{namespace}/{service}:");
         let wanted: Vec<(ResourceType, &str, &str)> = snapshot
             .resources(ResourceType::Endpoint)
-            .iter()
-            .filter(|(name, _)| name.starts_with(&prefix))
+            .range(prefix.clone()..)
+            .take_while(|(name, _)| name.starts_with(&prefix))
             .map(|(name, r)| (ResourceType::Endpoint, name.as_str(), r.version.as_str()))
             .collect();
         if wanted.is_empty() {

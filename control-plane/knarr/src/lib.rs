@@ -11,6 +11,7 @@ pub mod prober;
 pub mod routes_file;
 pub mod serving_controller;
 pub mod status;
+pub mod store;
 pub mod up;
 
 pub use app::{ControlPlane, ServeConfig};

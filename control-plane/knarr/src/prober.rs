@@ -57,9 +57,19 @@ pub fn outcome(status: u16, echoed_hash: Option<&str>, expected: &str) -> Outcom
 }
 
 /// The probe state of every ingress: which hash has been confirmed on every gateway.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProbeResults {
     confirmed: Mutex<HashMap<ObjectKey, String>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for ProbeResults {
+    fn default() -> Self {
+        ProbeResults {
+            confirmed: Mutex::default(),
+            changed: watch::Sender::new(0),
+        }
+    }
 }
 
 impl ProbeResults {
@@ -70,6 +80,12 @@ impl ProbeResults {
 
     fn set(&self, key: ObjectKey, hash: String) {
         self.confirmed.lock().unwrap().insert(key, hash);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Changes whenever an ingress is confirmed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Forgets every confirmation (the gateways changed).

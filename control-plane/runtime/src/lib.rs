@@ -21,11 +21,9 @@ mod log;
 pub mod pod;
 mod process;
 
-use std::fmt;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
 
-use knarr_model::serving::{Revision, RevisionSpec, CONFIGURATION_LABEL, SERVICE_LABEL};
+pub use knarr_serving::{LocalPod, Phase, PodStatus, RevisionRef};
 use tokio::sync::watch;
 
 pub use local::{LocalConfig, LocalRuntime};
@@ -43,91 +41,40 @@ pub trait Runtime: Send + Sync {
 
     /// A counter that changes whenever any pod's state does.
     fn subscribe(&self) -> watch::Receiver<u64>;
+
+    /// The revisions (`namespace/name`) whose pods changed after change number `since` (0:
+    /// all that ever had pods), and the number to ask from next time.
+    fn changed_since(&self, since: u64) -> (u64, Vec<String>);
 }
 
-/// A revision as a runtime needs it: who it is (for the environment Knative gives its
-/// containers) and its spec.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RevisionRef {
-    pub namespace: String,
-    pub name: String,
-    /// The Configuration that stamped it.
-    pub configuration: String,
-    /// The Knative Service that owns it, if any.
-    pub service: Option<String>,
-    pub spec: RevisionSpec,
+/// Which revisions' pods changed, in order, so that a reader asks only for what changed since
+/// it last looked (work proportional to the change, not to the number of revisions).
+#[derive(Debug, Default)]
+pub struct ChangeLog {
+    last: u64,
+    by_number: BTreeMap<u64, String>,
+    by_revision: HashMap<String, u64>,
 }
 
-impl RevisionRef {
-    /// The revision's `namespace/name`, the key [`Runtime::pods`] takes.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-
-    /// From a stamped Revision: its name and namespace, and the labels naming its Configuration
-    /// and Service.
-    pub fn from_revision(revision: &Revision) -> RevisionRef {
-        let labels = &revision.metadata.labels;
-        RevisionRef {
-            namespace: revision.metadata.namespace.clone(),
-            name: revision.metadata.name.clone(),
-            configuration: labels.get(CONFIGURATION_LABEL).cloned().unwrap_or_default(),
-            service: labels.get(SERVICE_LABEL).cloned(),
-            spec: revision.spec.clone(),
+impl ChangeLog {
+    /// Notes a change to `revision`'s pods.
+    pub fn record(&mut self, revision: &str) {
+        self.last += 1;
+        if let Some(old) = self.by_revision.insert(revision.to_owned(), self.last) {
+            self.by_number.remove(&old);
         }
+        self.by_number.insert(self.last, revision.to_owned());
     }
-}
 
-/// Where a pod is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Phase {
-    /// Started (or restarted), or not ready again after having been: not serving.
-    Starting,
-    /// The queue-proxy says the app is ready: endpoints may point here.
-    Ready,
-    /// Stopping: the queue-proxy drains, then the app is stopped; the pod then disappears.
-    Terminating,
-    /// Crashed; waiting out the back-off before the next restart (see `last_error`).
-    Failed,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Starting => "Starting",
-            Phase::Ready => "Ready",
-            Phase::Terminating => "Terminating",
-            Phase::Failed => "Failed",
-        }
+    /// What changed after `since`, and the number to ask from next time.
+    pub fn since(&self, since: u64) -> (u64, Vec<String>) {
+        let changed = self
+            .by_number
+            .range(since.saturating_add(1)..)
+            .map(|(_, r)| r.clone())
+            .collect();
+        (self.last, changed)
     }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One pod of a revision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodStatus {
-    pub name: String,
-    pub phase: Phase,
-    /// The queue-proxy's serving address: what the revision's endpoints point at.
-    pub address: SocketAddr,
-    /// Where its queue-proxy serves the autoscaler's `Stat` (`:9090/metrics` on Kubernetes).
-    pub metrics_address: Option<SocketAddr>,
-    /// How many times the pod was restarted after a crash.
-    pub restarts: u32,
-    /// Why the pod last crashed (exit status and the last log line), kept after it recovers.
-    pub last_error: Option<String>,
-    /// Both processes' output, lines prefixed `[app]`, `[queue]` (and `[knarr]` for the
-    /// runtime's own notes).
-    pub log_path: PathBuf,
-    /// The user's process, while it runs (local runtime only).
-    pub app_pid: Option<u32>,
-    /// The queue-proxy process, while it runs (local runtime only).
-    pub queue_proxy_pid: Option<u32>,
 }
 
 /// Why a revision cannot be scaled.
@@ -154,8 +101,6 @@ pub enum RuntimeError {
 mod tests {
     use std::sync::Arc;
 
-    use knarr_model::ObjectMeta;
-
     use super::*;
 
     #[test]
@@ -164,25 +109,15 @@ mod tests {
     }
 
     #[test]
-    fn a_revision_ref_names_its_configuration_and_service_from_labels() {
-        let revision = Revision {
-            metadata: ObjectMeta {
-                name: "hello-00002".into(),
-                namespace: "default".into(),
-                labels: [
-                    (CONFIGURATION_LABEL.to_owned(), "hello".to_owned()),
-                    (SERVICE_LABEL.to_owned(), "hello".to_owned()),
-                ]
-                .into(),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let r = RevisionRef::from_revision(&revision);
-        assert_eq!(r.key(), "default/hello-00002");
-        assert_eq!(
-            (r.configuration.as_str(), r.service.as_deref()),
-            ("hello", Some("hello"))
-        );
+    fn the_change_log_lists_each_revision_once_since_a_point() {
+        let mut log = ChangeLog::default();
+        log.record("default/a");
+        log.record("default/b");
+        let (at, all) = log.since(0);
+        assert_eq!((at, all), (2, vec!["default/a".into(), "default/b".into()]));
+        log.record("default/a");
+        log.record("default/a");
+        assert_eq!(log.since(at), (4, vec!["default/a".to_owned()]));
+        assert_eq!(log.since(4), (4, vec![]));
     }
 }

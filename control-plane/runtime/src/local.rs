@@ -29,7 +29,7 @@ use crate::backoff::Backoff;
 use crate::log::{PodLog, Source};
 use crate::pod::{self, PodPorts};
 use crate::process::GroupChild;
-use crate::{Phase, PodStatus, RevisionRef, Runtime, RuntimeError};
+use crate::{ChangeLog, LocalPod, Phase, PodStatus, RevisionRef, Runtime, RuntimeError};
 
 /// Time between readiness probes of a pod that is not ready: the first right after the spawn,
 /// then every 2 ms, growing by a quarter per failed probe up to 10 ms. A cold start is waiting
@@ -94,6 +94,7 @@ struct State {
     /// Ports held by live pods, never handed to another.
     ports: HashSet<u16>,
     shutting_down: bool,
+    changes: ChangeLog,
 }
 
 #[derive(Default)]
@@ -136,6 +137,7 @@ impl Shared {
             if entry.stopping {
                 entry.status.phase = Phase::Terminating;
             }
+            state.changes.record(key);
         }
         self.bump();
     }
@@ -167,14 +169,18 @@ impl LocalRuntime {
         {
             let mut state = self.shared.lock();
             state.shutting_down = true;
-            for entry in state
-                .revisions
-                .values_mut()
-                .flat_map(|r| r.pods.values_mut())
-            {
-                entry.stopping = true;
-                entry.status.phase = Phase::Terminating;
-                entry.stop.send_replace(true);
+            let State {
+                revisions, changes, ..
+            } = &mut *state;
+            for (key, pods) in revisions.iter_mut() {
+                for entry in pods.pods.values_mut() {
+                    entry.stopping = true;
+                    entry.status.phase = Phase::Terminating;
+                    entry.stop.send_replace(true);
+                }
+                if !pods.pods.is_empty() {
+                    changes.record(key);
+                }
             }
         }
         self.shared.bump();
@@ -206,10 +212,8 @@ impl Drop for LocalRuntime {
                 .filter_map(|entry| {
                     // The pod's task kills its processes when aborted, but only once the
                     // (possibly ending) Tokio runtime gets to it: kill them now.
-                    for pid in [entry.status.app_pid, entry.status.queue_proxy_pid]
-                        .into_iter()
-                        .flatten()
-                    {
+                    let local = entry.status.local.clone().unwrap_or_default();
+                    for pid in [local.app_pid, local.queue_proxy_pid].into_iter().flatten() {
                         if let Some(pgid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
                             let _ = kill_process_group(pgid, Signal::KILL);
                         }
@@ -234,6 +238,7 @@ impl Runtime for LocalRuntime {
         let key = revision.key();
         let revision = Arc::new(revision.clone());
         let mut new_pods = Vec::new();
+        let mut touched = false;
         let result = (|| {
             let mut state = shared.lock();
             if state.shutting_down {
@@ -252,6 +257,7 @@ impl Runtime for LocalRuntime {
             for ordinal in pods_to_stop(&active, active.len().saturating_sub(replicas)) {
                 if let Some(entry) = pods.pods.get_mut(&ordinal) {
                     info!(pod = %entry.status.name, "scaling down: stopping");
+                    touched = true;
                     entry.stopping = true;
                     entry.status.phase = Phase::Terminating;
                     entry.stop.send_replace(true);
@@ -262,6 +268,7 @@ impl Runtime for LocalRuntime {
                 let picked = pick_ports(bind, ports)
                     .map_err(|source| RuntimeError::Ports { bind, source })?;
                 ports.extend(picked.all());
+                touched = true;
                 pods.last_ordinal += 1;
                 let ordinal = pods.last_ordinal;
                 let name = format!("{}-pod-{ordinal}", revision.name);
@@ -282,9 +289,11 @@ impl Runtime for LocalRuntime {
                             metrics_address: Some(SocketAddr::new(bind, picked.metrics)),
                             restarts: 0,
                             last_error: None,
-                            log_path: log_path.clone(),
-                            app_pid: None,
-                            queue_proxy_pid: None,
+                            local: Some(LocalPod {
+                                log_path: log_path.clone(),
+                                app_pid: None,
+                                queue_proxy_pid: None,
+                            }),
                         },
                         ports: picked,
                         stopping: false,
@@ -320,6 +329,9 @@ impl Runtime for LocalRuntime {
                 entry.task = Some(task);
             }
         }
+        if touched {
+            shared.lock().changes.record(&key);
+        }
         shared.bump();
         result
     }
@@ -335,6 +347,10 @@ impl Runtime for LocalRuntime {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.changes.subscribe()
+    }
+
+    fn changed_since(&self, since: u64) -> (u64, Vec<String>) {
+        self.shared.lock().changes.since(since)
     }
 }
 
@@ -480,6 +496,7 @@ impl Drop for Gone {
                     ports.remove(&port);
                 }
             }
+            state.changes.record(&self.key);
         }
         self.shared.bump();
     }
@@ -506,8 +523,10 @@ impl Pod {
             self.update(|s| {
                 s.phase = Phase::Failed;
                 s.last_error = Some(error);
-                s.app_pid = None;
-                s.queue_proxy_pid = None;
+                if let Some(local) = s.local.as_mut() {
+                    local.app_pid = None;
+                    local.queue_proxy_pid = None;
+                }
             });
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
@@ -582,8 +601,10 @@ impl Pod {
         readers.extend(follow(log, &mut queue, Source::Queue));
         let (app_pid, queue_pid) = (app_process.id(), queue.id());
         self.update(|s| {
-            s.app_pid = app_pid;
-            s.queue_proxy_pid = queue_pid;
+            if let Some(local) = s.local.as_mut() {
+                local.app_pid = app_pid;
+                local.queue_proxy_pid = queue_pid;
+            }
         });
 
         let address = SocketAddr::new(config.bind, self.ports.serving);

@@ -128,6 +128,11 @@ impl Clients {
         list
     }
 
+    /// Changes whenever a client connects, leaves, or ACKs or NACKs something.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     /// Waits until `ready` holds for the connected clients.
     pub async fn wait_for(&self, mut ready: impl FnMut(&[ClientStatus]) -> bool) {
         let mut rx = self.changed.subscribe();

@@ -124,6 +124,20 @@ impl SnapshotBuilder {
         self
     }
 
+    /// Makes this builder's resources of type `ty` those of `other` (O(1): the maps are
+    /// shared, the set version carried over).
+    pub fn set_type_from(&mut self, ty: ResourceType, other: &SnapshotBuilder) -> &mut Self {
+        let i = ty.index();
+        self.resources[i] = other.resources[i].clone();
+        self.sums[i] = other.sums[i];
+        self
+    }
+
+    /// The resources of type `ty` so far.
+    pub fn resources(&self, ty: ResourceType) -> &ResourceMap {
+        &self.resources[ty.index()]
+    }
+
     /// O(1): the maps are shared, the set versions already known.
     pub fn build(self) -> Snapshot {
         Snapshot {
