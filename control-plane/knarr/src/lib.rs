@@ -1,17 +1,7 @@
-//! The `knarr` control plane: wires the routes source, translation and the xDS server together,
-//! and serves admin endpoints. `main.rs` parses the command line and calls into this.
+//! The `knarr` command line: `knarr up` (the supervisor of one machine's control plane, Envoy,
+//! activator and pods) here; `serve`, `apply`, `get`, `describe`, `delete`, `logs` and
+//! `envoy-bootstrap` in `main.rs`. The control plane itself is `knarr-control`.
 
-pub mod admin;
-pub mod api;
-pub mod app;
-pub mod bootstrap;
-pub mod file_source;
-pub mod ingress_controller;
-pub mod prober;
-pub mod routes_file;
-pub mod serving_controller;
-pub mod status;
-pub mod store;
 pub mod up;
 
-pub use app::{ControlPlane, ServeConfig};
+pub use knarr_control::{api, bootstrap, ControlPlane, ServeConfig};

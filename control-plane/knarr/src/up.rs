@@ -21,9 +21,9 @@ use knarr_translate::kingress::GatewayConfig;
 use tokio::process::Command;
 use tracing::{info, warn};
 
-use crate::bootstrap::{self, BootstrapOptions};
-use crate::serving_controller::{ServiceSummary, ServingController};
-use crate::{ControlPlane, ServeConfig};
+use knarr_control::bootstrap::{self, BootstrapOptions};
+use knarr_control::serving_controller::{ServiceSummary, ServingController};
+use knarr_control::{ControlPlane, ServeConfig};
 
 /// `println!` that never panics: `knarr up`'s output may be a pipe whose reader is gone, and
 /// nothing about that should stop it from cleaning up.
@@ -355,7 +355,7 @@ async fn up(setup: Setup) -> ExitCode {
 /// becomes ready, and every new source error.
 async fn print_status(
     serving: Arc<ServingController>,
-    ingress: Option<Arc<crate::ingress_controller::IngressController>>,
+    ingress: Option<Arc<knarr_control::ingress_controller::IngressController>>,
     external: String,
     internal: String,
 ) {
