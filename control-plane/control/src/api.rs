@@ -33,13 +33,29 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use knarr_model::serving::{ServingKey, ServingKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{reply, serve_http_with_body};
 use crate::ingress_controller::IngressController;
-use crate::serving_controller::{DeleteError, ServingController};
+use crate::serving_controller::{Applied, DeleteError, PodInfo, ServingController};
+
+/// The answer to `POST /api/v1/apply`: what was applied (200), or every error (422, nothing
+/// applied). The CLI reads the same type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyAnswer {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<Applied>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+/// The answer to `GET /api/v1/pods/{namespace}/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodList {
+    pub items: Vec<PodInfo>,
+}
 
 /// The largest manifest `POST /api/v1/apply` takes.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
@@ -222,7 +238,7 @@ fn handle(state: &ApiState, req: &Request<Bytes>) -> Response<Full<Bytes>> {
             }
         }
         (Endpoint::Pods(ns, name), _) => match serving.pods(ns, name) {
-            Some(pods) => json(StatusCode::OK, &serde_json::json!({ "items": pods })),
+            Some(items) => json(StatusCode::OK, &PodList { items }),
             None => text(
                 StatusCode::NOT_FOUND,
                 format!("no Service, Configuration or Revision {ns}/{name}"),
@@ -290,10 +306,19 @@ fn apply(serving: &ServingController, req: &Request<Bytes>) -> Response<Full<Byt
         );
     };
     match serving.apply_manifest(&source, manifest, base_dir.as_deref().map(Path::new)) {
-        Ok(applied) => json(StatusCode::OK, &serde_json::json!({ "applied": applied })),
+        Ok(applied) => json(
+            StatusCode::OK,
+            &ApplyAnswer {
+                applied,
+                errors: Vec::new(),
+            },
+        ),
         Err(errors) => json(
             StatusCode::UNPROCESSABLE_ENTITY,
-            &serde_json::json!({ "errors": errors }),
+            &ApplyAnswer {
+                applied: Vec::new(),
+                errors,
+            },
         ),
     }
 }

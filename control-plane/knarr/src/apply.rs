@@ -8,6 +8,7 @@ use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use clap::ValueEnum;
 use http::{Method, StatusCode};
+use knarr_control::api::ApplyAnswer;
 use knarr_model::serving::{parse_serving_documents, ServingDocument, ServingKey, ServingKind};
 
 use crate::api_client::{
@@ -163,25 +164,24 @@ pub(crate) fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
         )?;
         match reply.status {
             StatusCode::OK => {
-                let answer = reply.json()?;
-                let applied = answer["applied"].as_array().cloned().unwrap_or_default();
-                if applied.is_empty() {
+                let answer: ApplyAnswer = serde_json::from_value(reply.json()?)?;
+                if answer.applied.is_empty() {
                     eprintln!("{}: no Knative objects in it", manifest.name);
                 }
-                for object in applied {
+                for object in answer.applied {
                     println!(
                         "{}/{} {}",
-                        resource_name(object["kind"].as_str().unwrap_or_default()),
-                        object["name"].as_str().unwrap_or_default(),
-                        object["outcome"].as_str().unwrap_or_default()
+                        resource_name(&object.kind),
+                        object.name,
+                        object.outcome
                     );
                 }
             }
             StatusCode::UNPROCESSABLE_ENTITY => {
                 failed = true;
-                let answer = reply.json()?;
-                for error in answer["errors"].as_array().into_iter().flatten() {
-                    eprintln!("error: {}", error.as_str().unwrap_or_default());
+                let answer: ApplyAnswer = serde_json::from_value(reply.json()?)?;
+                for error in answer.errors {
+                    eprintln!("error: {error}");
                 }
             }
             // No apply endpoint (`knarr serve`): the other files would fare no better.

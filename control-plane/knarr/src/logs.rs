@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use knarr_control::api::PodList;
 use serde_json::Value;
 
-use crate::api_client::{check_name, str_of, ApiArgs, ApiClient, DEFAULT_NAMESPACE};
+use crate::api_client::{check_name, ApiArgs, ApiClient, DEFAULT_NAMESPACE};
 
 /// How often a followed file is checked for new output.
 const POLL: Duration = Duration::from_millis(200);
@@ -99,7 +100,7 @@ pub(crate) fn run(args: &LogsArgs) -> anyhow::Result<()> {
             asked = Instant::now();
             match client.get_optional(&path) {
                 Ok(Ok(answer)) => {
-                    for (pod, log_path) in pods_in(&answer) {
+                    for (pod, log_path) in pods_in(answer).unwrap_or_default() {
                         // A pod started since: all of its output is new.
                         logs.entry(pod).or_insert(PodLog {
                             path: log_path,
@@ -136,21 +137,21 @@ pub(crate) fn run(args: &LogsArgs) -> anyhow::Result<()> {
 /// The pods the API lists for a name: `(pod name, log path)`; an unknown name is an error.
 fn list_pods(client: &ApiClient, path: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
     match client.get_optional(path)? {
-        Ok(answer) => Ok(pods_in(&answer)),
+        Ok(answer) => pods_in(answer),
         Err(message) => bail!("{message}"),
     }
 }
 
-fn pods_in(answer: &Value) -> Vec<(String, PathBuf)> {
-    answer["items"]
-        .as_array()
+fn pods_in(answer: Value) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let pods: PodList = serde_json::from_value(answer)?;
+    pods.items
         .into_iter()
-        .flatten()
-        .map(|pod| {
-            (
-                str_of(&pod["name"]).to_owned(),
-                PathBuf::from(str_of(&pod["logPath"])),
-            )
+        .map(|pod| match pod.log_path {
+            Some(path) => Ok((pod.name, PathBuf::from(path))),
+            None => bail!(
+                "pod {}: no log file (it does not run on this machine)",
+                pod.name
+            ),
         })
         .collect()
 }

@@ -80,7 +80,12 @@ fn idle_service(i: usize) -> String {
     )
 }
 
-async fn api(up: &KnarrUp, method: &str, path: &str, body: String) -> anyhow::Result<(u16, String)> {
+async fn api(
+    up: &KnarrUp,
+    method: &str,
+    path: &str,
+    body: String,
+) -> anyhow::Result<(u16, String)> {
     let request = http::Request::builder()
         .method(method)
         .uri(path)
@@ -135,7 +140,8 @@ impl Steady {
                 let (gateway, host) = (up.gateway, host.to_owned());
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
-                        let ok = matches!(http_get(gateway, &host, "/").await, Ok(r) if r.status == 200);
+                        let ok =
+                            matches!(http_get(gateway, &host, "/").await, Ok(r) if r.status == 200);
                         sent.fetch_add(1, Ordering::Relaxed);
                         if !ok {
                             failed.fetch_add(1, Ordering::Relaxed);
@@ -216,7 +222,9 @@ async fn main() -> anyhow::Result<()> {
         }
         let want = target + 1;
         poll_until(&format!("{want} Services Ready"), WAIT, || async {
-            ready_count(&up).await.is_ok_and(|(ready, all)| ready == want && all == want)
+            ready_count(&up)
+                .await
+                .is_ok_and(|(ready, all)| ready == want && all == want)
         })
         .await?;
         let apply_s = started.elapsed().as_secs_f64();
@@ -248,7 +256,10 @@ async fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let (ok, out, err) = up.knarr(&["get", "ksvc"]).await?;
             clis.push(t.elapsed());
-            ensure!(ok && out.lines().count() == want + 1, "knarr get ksvc: {err}");
+            ensure!(
+                ok && out.lines().count() == want + 1,
+                "knarr get ksvc: {err}"
+            );
         }
         let (get_p50, get_max) = p50_max(gets);
         let (cli_p50, cli_max) = p50_max(clis);
@@ -258,11 +269,18 @@ async fn main() -> anyhow::Result<()> {
             let name = format!("idle-{}", target - 1);
             let host = format!("{name}.default.example.com");
             let t = Instant::now();
-            let (status, body) =
-                api(&up, "DELETE", &format!("/api/v1/services/default/{name}"), String::new()).await?;
+            let (status, body) = api(
+                &up,
+                "DELETE",
+                &format!("/api/v1/services/default/{name}"),
+                String::new(),
+            )
+            .await?;
             ensure!(status == 200, "delete: {status} {body}");
             poll_until(&format!("{host} to answer 404"), WAIT, || async {
-                http_get(up.gateway, &host, "/").await.is_ok_and(|r| r.status == 404)
+                http_get(up.gateway, &host, "/")
+                    .await
+                    .is_ok_and(|r| r.status == 404)
             })
             .await?;
             let took = ms(t.elapsed());
@@ -293,8 +311,13 @@ async fn main() -> anyhow::Result<()> {
     let (sent_before, failed_before) = load.counts();
     let t = Instant::now();
     for i in 0..applied {
-        let (status, body) =
-            api(&up, "DELETE", &format!("/api/v1/services/default/idle-{i}"), String::new()).await?;
+        let (status, body) = api(
+            &up,
+            "DELETE",
+            &format!("/api/v1/services/default/idle-{i}"),
+            String::new(),
+        )
+        .await?;
         ensure!(status == 200, "delete idle-{i}: {status} {body}");
     }
     let deleted_in = t.elapsed();
