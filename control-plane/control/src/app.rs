@@ -25,6 +25,7 @@ use crate::serving_controller::ServingController;
 use crate::status::LoadBalancerNames;
 use knarr_autoscaler::AutoscalerConfig;
 use knarr_model::Kind;
+use knarr_proto::activator::ACTIVATOR_NODE_CLUSTER;
 use knarr_runtime::Runtime;
 
 /// Everything `knarr serve` needs, parsed and validated.
@@ -57,7 +58,11 @@ impl Default for ServeConfig {
             files: vec![],
             route_files: vec![],
             grouping: NodeGrouping::NodeId,
-            xds: XdsServerConfig::default(),
+            xds: XdsServerConfig {
+                // Activators connect to the xDS port too; they are not gateways.
+                non_gateway_clusters: vec![ACTIVATOR_NODE_CLUSTER.to_owned()],
+                ..XdsServerConfig::default()
+            },
             gateway: GatewayConfig {
                 address: [127, 0, 0, 1].into(),
                 ..Default::default()
@@ -104,7 +109,8 @@ impl ControlPlane {
     ) -> anyhow::Result<ControlPlane> {
         let stats = autoscaling.as_ref().map(|_| {
             let (tx, rx) = tokio::sync::mpsc::channel(4096);
-            config.xds.activator_stats = Some(tx);
+            config.xds.services = std::mem::take(&mut config.xds.services)
+                .add_service(crate::activator_stats::AutoscalerServer::new(tx));
             rx
         });
         let mut cp = Self::start_sources(config, Some((domain, runtime, autoscaling))).await?;

@@ -209,7 +209,7 @@ impl IngressController {
             .clients
             .list()
             .into_iter()
-            .filter(|c| !c.is_activator())
+            .filter(|c| c.gateway)
             .filter_map(|c| c.peer.map(|p| p.ip()))
             .collect();
         ips.sort();

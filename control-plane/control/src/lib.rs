@@ -11,6 +11,7 @@
 //! | [`status`] | KIngress status from ACKs and probes |
 //! | [`api`] | the loopback status API `knarr get/apply/delete/describe/logs` talks to |
 //! | [`admin`] | `/healthz`, `/readyz`, `/metrics`, `/clients` |
+//! | [`activator_stats`] | the activators' `ReportStats` gRPC service, served on the xDS port |
 //! | [`app`] | `knarr serve` (and `knarr up`'s control plane): builds all of the above and binds its sockets |
 //! | [`bootstrap`] | the Envoy bootstrap that points a gateway at the xDS server |
 //!
@@ -21,6 +22,7 @@
 //! `knarr_runtime::Runtime`. Those live in their own crate (the only one depending on kube), so
 //! nothing here changes for them.
 
+pub mod activator_stats;
 pub mod admin;
 pub mod api;
 pub mod app;

@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use knarr::bootstrap::{self, BootstrapOptions};
 use knarr::{ControlPlane, ServeConfig};
+use knarr_snapshot::NodeGrouping;
 use knarr_translate::kingress::GatewayConfig;
 use knarr_translate::reconcile::ClassFilter;
-use knarr_xds::NodeGrouping;
 
 use tracing::{error, info};
 

@@ -151,7 +151,7 @@ impl SnapshotBuilder {
 }
 
 /// A version for a set of resources: a hash over their names and versions, in name order.
-pub(crate) fn set_version<'a>(resources: impl Iterator<Item = &'a Arc<Resource>>) -> String {
+pub fn set_version<'a>(resources: impl Iterator<Item = &'a Arc<Resource>>) -> String {
     let mut hasher = Xxh3::new();
     for r in resources {
         hasher.update(r.name.as_bytes());

@@ -2,8 +2,9 @@
 //!
 //! Input: plain values describing gateways, virtual hosts, routes with weighted splits, and
 //! backends with their endpoints. Output: Envoy `Listener`, `RouteConfiguration`, `Cluster` and
-//! `ClusterLoadAssignment` protos, ready for a [`knarr_xds::Snapshot`]. No I/O, no clocks; the
-//! same input always gives byte-identical output, so unchanged resources keep their versions.
+//! `ClusterLoadAssignment` protos, ready for a [`knarr_snapshot::Snapshot`]. No I/O, no clocks,
+//! no gRPC (only the model and `knarr-snapshot`); the same input always gives byte-identical
+//! output, so unchanged resources keep their versions.
 //!
 //! Conventions Envoy sees:
 //! - every backend cluster is an EDS cluster over ADS whose ClusterLoadAssignment has the same
@@ -24,7 +25,7 @@ pub use envoy::{
 };
 pub use model::{Backend, Endpoint, Gateway, HeaderMatch, Route, RouteLayout, Split, VirtualHost};
 
-use knarr_xds::{Snapshot, SnapshotBuilder};
+use knarr_snapshot::{Snapshot, SnapshotBuilder};
 
 /// Translates a whole config: gateways (each a listener with its own route configuration) and
 /// the backends they route to.

@@ -13,7 +13,7 @@ use knarr_model::{
     EndpointSlice, Endpoints, Ingress, Kind, Object, ObjectKey, Service, TlsKeyPair,
     KNARR_INGRESS_CLASS, SERVICE_NAME_LABEL,
 };
-use knarr_xds::{ResourceType, Snapshot, SnapshotBuilder};
+use knarr_snapshot::{ResourceType, Snapshot, SnapshotBuilder};
 
 use crate::kingress::{
     backend_cluster, backend_endpoints, listeners, tls_secret, translate_ingress, BackendKey,

@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, ScopedRouteConfigurationsList,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamTlsContext, Secret};
-use knarr_xds::{ResourceType, Snapshot};
+use knarr_snapshot::{ResourceType, Snapshot};
 use prost::Message;
 
 use crate::envoy::any;

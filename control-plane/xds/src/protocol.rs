@@ -29,8 +29,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     Resource as DeltaResource,
 };
 
-use crate::resource::{Resource, ResourceType, COUNT};
-use crate::snapshot::{set_version, Snapshot};
+use knarr_snapshot::resource::{Resource, ResourceType, COUNT};
+use knarr_snapshot::snapshot::{set_version, Snapshot};
 
 /// Identifies this control plane in responses (Envoy shows it in config dumps).
 pub const CONTROL_PLANE_ID: &str = "knarr";

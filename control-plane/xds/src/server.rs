@@ -1,5 +1,6 @@
 //! The tonic `AggregatedDiscoveryService`: a `select!` loop per stream that moves messages between
-//! Envoy, the [`SnapshotCache`] and the sans-I/O machines in [`crate::protocol`].
+//! Envoy, the [`SnapshotCache`] and the sans-I/O machines in [`crate::protocol`]. Other gRPC
+//! services the caller hands over in [`XdsServerConfig::services`] are served on the same port.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -20,13 +21,14 @@ use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::metrics::XdsMetrics;
 use crate::protocol::{DeltaStream, Output, SotwStream, StreamEvent};
-use crate::resource::ResourceType;
-use crate::snapshot::{Snapshot, SnapshotCache};
+use knarr_snapshot::ResourceType;
+use knarr_snapshot::{Snapshot, SnapshotCache};
 
 /// Transport settings for the xDS gRPC server.
 #[derive(Debug, Clone)]
@@ -36,9 +38,13 @@ pub struct XdsServerConfig {
     pub keepalive_timeout: Duration,
     /// Large route tables go out as one message; gRPC's 4 MiB default is too small.
     pub max_message_bytes: usize,
-    /// When set, the `knarr.activator.v1.Autoscaler` service is served too, and activators'
-    /// stats go here.
-    pub activator_stats: Option<crate::activator::StatsSink>,
+    /// Further gRPC services served beside ADS on the same port (Knarr's control plane adds the
+    /// activators' `knarr.activator.v1.Autoscaler` here). Empty by default.
+    pub services: Routes,
+    /// Node clusters (`node.cluster`) whose clients are not gateways (Knarr's activators): they
+    /// are listed in [`Clients`], but do not count in [`Clients::all_hold`] and are not
+    /// [`ClientStatus::gateway`]s. Empty by default: every client is a gateway.
+    pub non_gateway_clusters: Vec<String>,
 }
 
 impl Default for XdsServerConfig {
@@ -47,7 +53,8 @@ impl Default for XdsServerConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 256 * 1024 * 1024,
-            activator_stats: None,
+            services: Routes::default(),
+            non_gateway_clusters: Vec::new(),
         }
     }
 }
@@ -83,19 +90,14 @@ pub struct ClientStatus {
     pub rejected: BTreeMap<ResourceType, String>,
     /// The generation of the newest snapshot this Envoy holds in full (everything sent and ACKed).
     pub synced_generation: Option<u64>,
-}
-
-impl ClientStatus {
-    /// A `knarr-activator` (node cluster `knarr-activator`), not a gateway Envoy.
-    pub fn is_activator(&self) -> bool {
-        self.node_cluster == knarr_proto::activator::ACTIVATOR_NODE_CLUSTER
-    }
+    /// A gateway: its node cluster is not one of [`XdsServerConfig::non_gateway_clusters`].
+    pub gateway: bool,
 }
 
 /// What one Envoy holds, per type: resource name → version it ACKed.
 /// Kept as hashes (name → version), not strings: this is per Envoy and per resource, and only
 /// ever compared.
-type Holdings = [HashMap<u64, u64>; crate::resource::COUNT];
+type Holdings = [HashMap<u64, u64>; knarr_snapshot::resource::COUNT];
 
 fn key_hash(s: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(s.as_bytes())
@@ -185,8 +187,9 @@ impl Clients {
     }
 
     /// Whether every connected Envoy has ACKed each of `wanted` (type, name, version).
-    /// `None` when no Envoy is connected. Activators (which follow only their own type) are not
-    /// gateways and do not count.
+    /// `None` when no gateway is connected. Clients that are not gateways (Knarr's activators,
+    /// which follow only their own type; see [`XdsServerConfig::non_gateway_clusters`]) do not
+    /// count.
     pub fn all_hold(&self, wanted: &[(ResourceType, &str, &str)]) -> Option<bool> {
         let holdings = self.holdings.lock().unwrap();
         let connected: Vec<u64> = self
@@ -194,7 +197,7 @@ impl Clients {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, c)| !c.is_activator())
+            .filter(|(_, c)| c.gateway)
             .map(|(id, _)| *id)
             .collect();
         if connected.is_empty() {
@@ -228,6 +231,8 @@ pub struct XdsService {
     metrics: Arc<XdsMetrics>,
     clients: Arc<Clients>,
     shutdown: watch::Receiver<bool>,
+    /// From [`XdsServerConfig::non_gateway_clusters`], set by [`serve`](Self::serve).
+    non_gateway_clusters: Arc<[String]>,
 }
 
 impl XdsService {
@@ -242,31 +247,29 @@ impl XdsService {
             metrics,
             clients,
             shutdown,
+            non_gateway_clusters: Arc::new([]),
         }
     }
 
-    /// Serves ADS on `listener` until `shutdown` turns true; then every stream is closed and the
-    /// server drains.
+    /// Serves ADS (and `config.services`) on `listener` until `shutdown` turns true; then every
+    /// stream is closed and the server drains.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         config: &XdsServerConfig,
     ) -> Result<(), tonic::transport::Error> {
         let mut shutdown = self.shutdown.clone();
+        self.non_gateway_clusters = config.non_gateway_clusters.iter().cloned().collect();
         let service = AggregatedDiscoveryServiceServer::new(self)
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-        let stats = config
-            .activator_stats
-            .clone()
-            .map(crate::activator::AutoscalerServer::new);
+        let routes = config.services.clone().add_service(service);
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .tcp_keepalive(Some(config.keepalive_interval))
             .tcp_nodelay(true)
-            .add_service(service)
-            .add_optional_service(stats)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 stopped(&mut shutdown).await;
             })
@@ -324,6 +327,7 @@ impl XdsService {
             cache: self.cache.clone(),
             metrics: self.metrics.clone(),
             clients: self.clients.clone(),
+            non_gateway_clusters: self.non_gateway_clusters.clone(),
             group: None,
             node_id: String::new(),
             current: None,
@@ -412,6 +416,7 @@ struct Connection<P> {
     cache: Arc<SnapshotCache>,
     metrics: Arc<XdsMetrics>,
     clients: Arc<Clients>,
+    non_gateway_clusters: Arc<[String]>,
     group: Option<String>,
     node_id: String,
     current: Option<Arc<Snapshot>>,
@@ -503,6 +508,7 @@ impl<P: Protocol> Connection<P> {
                     acked: BTreeMap::new(),
                     rejected: BTreeMap::new(),
                     synced_generation: None,
+                    gateway: !self.non_gateway_clusters.contains(&node.cluster),
                 },
             );
             self.group = Some(group);

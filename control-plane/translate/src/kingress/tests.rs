@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::config::route::v3::route_action::{
 };
 use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
 use knarr_model::{parse_documents, Document, Object};
-use knarr_xds::{ResourceType, Snapshot};
+use knarr_snapshot::{ResourceType, Snapshot};
 use prost::Message;
 
 fn objects(yaml: &str) -> Vec<Object> {

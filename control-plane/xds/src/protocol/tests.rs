@@ -716,7 +716,7 @@ fn delta_sends_a_large_change_in_parts_before_routes() {
 
 // ---- activators: Knarr's own resource type on the same ADS stream ----
 
-fn activator_revision(name: &str, port: u32) -> Arc<crate::resource::Resource> {
+fn activator_revision(name: &str, port: u32) -> Arc<knarr_snapshot::Resource> {
     let revision = knarr_proto::activator::Revision {
         namespace: "default".into(),
         name: name.into(),
@@ -726,7 +726,7 @@ fn activator_revision(name: &str, port: u32) -> Arc<crate::resource::Resource> {
         }],
         ..Default::default()
     };
-    crate::resource::Resource::named(format!("default/{name}"), &revision)
+    knarr_snapshot::Resource::named(format!("default/{name}"), &revision)
 }
 
 fn with_activator_revisions(snap: &Snapshot, revisions: &[(&str, u32)]) -> Snapshot {

@@ -1,7 +1,8 @@
 //! The `knarr.activator.v1.Autoscaler` gRPC service (`proto/knarr/activator.proto`): activators
-//! stream per-revision load (and pokes) to the control plane on the xDS port. Written against
-//! tonic's server primitives, as generated code would be, since the messages are hand-derived
-//! (no `protoc` at build time).
+//! stream per-revision load (and pokes) to the control plane on the xDS port, where
+//! [`crate::app`] adds it to the xDS server's [`knarr_xds::XdsServerConfig::services`]. Written
+//! against tonic's server primitives, as generated code would be, since the messages are
+//! hand-derived (no `protoc` at build time).
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
