@@ -173,9 +173,8 @@ fn get_request(host: &str, path: &str) -> anyhow::Result<Request<Bytes>> {
         .with_context(|| format!("building GET {host}{path}"))
 }
 
-pub(crate) async fn buffer(
-    resp: http::Response<hyper::body::Incoming>,
-) -> anyhow::Result<HttpReply> {
+/// Reads a whole response into an [`HttpReply`] (for clients of other kinds, e.g. over TLS).
+pub async fn buffer(resp: http::Response<hyper::body::Incoming>) -> anyhow::Result<HttpReply> {
     let (parts, body) = resp.into_parts();
     let body = body
         .collect()
