@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http::Version;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use knarr_activator::Config;
+use knarr_test_support::{wait_until, within, HttpClient, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config() -> Config {
@@ -20,20 +20,20 @@ fn config() -> Config {
 #[tokio::test]
 async fn probes_and_unknown_revisions() {
     let (act, _stats) = activator(config()).await;
-    let client = client();
+    let client = HttpClient::new(act.listen_addr);
     let addr = act.listen_addr;
 
     let probe = send(
         &client,
         request(addr, "")
             .header("k-network-probe", "activator")
-            .body(Full::default())
+            .body(Bytes::new())
             .unwrap(),
     )
     .await;
     assert_eq!((probe.status, probe.body.as_str()), (200, "activator"));
 
-    let unnamed = get(&client, addr, "").await;
+    let unnamed = get(&client, "").await;
     assert_eq!(unnamed.status, 404);
     assert!(
         unnamed.body.contains("Knative-Serving-Revision"),
@@ -41,7 +41,7 @@ async fn probes_and_unknown_revisions() {
         unnamed.body
     );
 
-    let unknown = get(&client, addr, "nope-00001").await;
+    let unknown = get(&client, "nope-00001").await;
     assert_eq!(unknown.status, 404);
     assert!(
         unknown.body.contains("unknown revision default/nope-00001"),
@@ -62,10 +62,10 @@ async fn probes_and_unknown_revisions() {
 #[tokio::test]
 async fn held_until_an_endpoint_answers_its_probe() {
     let (act, mut stats) = activator(config()).await;
-    let client = client();
+    let client = HttpClient::new(act.listen_addr);
     // Known, no pods: requests wait.
     act.revisions.upsert(revision("hello", 0, 0, &[])).unwrap();
-    let pending = spawn_get(&client, act.listen_addr, "hello");
+    let pending = spawn_get(&client, "hello");
     wait_until("the request is held", || {
         act.revisions.state("default", "hello").unwrap().held == 1
     })
@@ -82,7 +82,7 @@ async fn held_until_an_endpoint_answers_its_probe() {
     assert_eq!(poke.request_count, 1.0);
 
     // A pod appears but is not ready yet: probed again and again, not used.
-    let pod = Pod::builder("pod-a").unready().start().await;
+    let pod = Upstream::builder("pod-a").unready().start().await.unwrap();
     act.revisions
         .upsert(revision("hello", 0, 0, &[&pod]))
         .unwrap();
@@ -105,11 +105,9 @@ async fn held_until_an_endpoint_answers_its_probe() {
 #[tokio::test]
 async fn a_hundred_held_requests_are_all_served_once_a_pod_appears() {
     let (act, _stats) = activator(config()).await;
-    let client = client();
+    let client = HttpClient::new(act.listen_addr);
     act.revisions.upsert(revision("burst", 0, 0, &[])).unwrap();
-    let pending: Vec<_> = (0..100)
-        .map(|_| spawn_get(&client, act.listen_addr, "burst"))
-        .collect();
+    let pending: Vec<_> = (0..100).map(|_| spawn_get(&client, "burst")).collect();
     wait_until("100 requests are held", || {
         act.revisions.state("default", "burst").unwrap().held == 100
     })
@@ -117,7 +115,7 @@ async fn a_hundred_held_requests_are_all_served_once_a_pod_appears() {
     let (_, metrics) = admin_get(act.admin_addr, "/metrics").await;
     assert_eq!(metric(&metrics, "activator_held_requests"), Some(100.0));
 
-    let pod = Pod::start("pod-a").await;
+    let pod = Upstream::start("pod-a").await.unwrap();
     act.revisions
         .upsert(revision("burst", 0, 0, &[&pod]))
         .unwrap();
@@ -137,20 +135,23 @@ async fn a_hundred_held_requests_are_all_served_once_a_pod_appears() {
 #[tokio::test]
 async fn container_concurrency_one_spreads_over_three_pods() {
     let (act, _stats) = activator(config()).await;
-    let client = client();
+    let client = HttpClient::new(act.listen_addr);
     let pods = [
-        Pod::builder("pod-a")
+        Upstream::builder("pod-a")
             .delay(Duration::from_millis(20))
             .start()
-            .await,
-        Pod::builder("pod-b")
+            .await
+            .unwrap(),
+        Upstream::builder("pod-b")
             .delay(Duration::from_millis(20))
             .start()
-            .await,
-        Pod::builder("pod-c")
+            .await
+            .unwrap(),
+        Upstream::builder("pod-c")
             .delay(Duration::from_millis(20))
             .start()
-            .await,
+            .await
+            .unwrap(),
     ];
     act.revisions
         .upsert(revision("cc1", 1, 0, &[&pods[0], &pods[1], &pods[2]]))
@@ -163,9 +164,7 @@ async fn container_concurrency_one_spreads_over_three_pods() {
         act.revisions.state("default", "cc1").unwrap().capacity,
         Some(3)
     );
-    let pending: Vec<_> = (0..30)
-        .map(|_| spawn_get(&client, act.listen_addr, "cc1"))
-        .collect();
+    let pending: Vec<_> = (0..30).map(|_| spawn_get(&client, "cc1")).collect();
     for p in pending {
         assert_eq!(within("a request", p).await.unwrap().status, 200);
     }
@@ -174,18 +173,23 @@ async fn container_concurrency_one_spreads_over_three_pods() {
             pod.max_in_flight(),
             1,
             "{} had more than one in flight",
-            pod.name
+            pod.name()
         );
-        assert!(pod.requests() > 0, "{} got nothing", pod.name);
+        assert!(pod.requests() > 0, "{} got nothing", pod.name());
     }
-    assert_eq!(pods.iter().map(Pod::requests).sum::<u64>(), 30);
+    assert_eq!(pods.iter().map(Upstream::requests).sum::<u64>(), 30);
 }
 
 #[tokio::test]
 async fn held_requests_are_served_in_arrival_order() {
     let (act, _stats) = activator(config()).await;
-    let client = client();
-    let pod = Pod::builder("pod-a").gated().start().await;
+    let client = HttpClient::new(act.listen_addr);
+    let pod = Upstream::builder("pod-a")
+        .gated()
+        .record_header("x-order")
+        .start()
+        .await
+        .unwrap();
     act.revisions
         .upsert(revision("fifo", 1, 0, &[&pod]))
         .unwrap();
@@ -197,7 +201,7 @@ async fn held_requests_are_served_in_arrival_order() {
     for i in 0..8 {
         let req = request(act.listen_addr, "fifo")
             .header("x-order", i.to_string())
-            .body(Full::default())
+            .body(Bytes::new())
             .unwrap();
         pending.push(spawn_send(&client, req));
         // Request i is at the pod or held before request i + 1 is sent.
@@ -212,7 +216,7 @@ async fn held_requests_are_served_in_arrival_order() {
         assert_eq!(within("a request", p).await.unwrap().status, 200);
     }
     let expected: Vec<_> = (0..8).map(|i| i.to_string()).collect();
-    assert_eq!(pod.arrivals(), expected);
+    assert_eq!(pod.recorded("x-order"), expected);
     assert_eq!(pod.max_in_flight(), 1);
 }
 
@@ -223,23 +227,21 @@ async fn queue_overflow_is_503() {
         ..config()
     })
     .await;
-    let client = client();
+    let client = HttpClient::new(act.listen_addr);
     act.revisions.upsert(revision("full", 0, 0, &[])).unwrap();
-    let pending: Vec<_> = (0..3)
-        .map(|_| spawn_get(&client, act.listen_addr, "full"))
-        .collect();
+    let pending: Vec<_> = (0..3).map(|_| spawn_get(&client, "full")).collect();
     wait_until("3 requests are held", || {
         act.revisions.state("default", "full").unwrap().held == 3
     })
     .await;
-    let refused = get(&client, act.listen_addr, "full").await;
+    let refused = get(&client, "full").await;
     assert_eq!(
         (refused.status, refused.body.as_str()),
         (503, "pending request queue full")
     );
 
     // The queue still drains normally.
-    let pod = Pod::start("pod-a").await;
+    let pod = Upstream::start("pod-a").await.unwrap();
     act.revisions
         .upsert(revision("full", 0, 0, &[&pod]))
         .unwrap();
@@ -256,10 +258,10 @@ async fn queue_overflow_is_503() {
 #[tokio::test]
 async fn held_past_the_revision_timeout_is_504() {
     let (act, _stats) = activator(config()).await;
-    let client = client();
+    let client = HttpClient::new(act.listen_addr);
     act.revisions.upsert(revision("slow", 0, 1, &[])).unwrap();
     let started = tokio::time::Instant::now();
-    let reply = get(&client, act.listen_addr, "slow").await;
+    let reply = get(&client, "slow").await;
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (504, "activator request timeout")
@@ -271,8 +273,13 @@ async fn held_past_the_revision_timeout_is_504() {
 #[tokio::test]
 async fn what_the_pod_sees() {
     let (act, _stats) = activator(config()).await;
-    let client = client();
-    let pod = Pod::start("pod-a").await;
+    let client = HttpClient::new(act.listen_addr);
+    let pod = Upstream::builder("pod-a")
+        .read_body()
+        .hop_by_hop_header()
+        .start()
+        .await
+        .unwrap();
     act.revisions
         .upsert(revision("hdrs", 0, 0, &[&pod]))
         .unwrap();
@@ -284,15 +291,15 @@ async fn what_the_pod_sees() {
             .header("x-forwarded-for", "203.0.113.9")
             .header("connection", "x-secret")
             .header("x-secret", "hop")
-            .body(Full::new(Bytes::from_static(b"0123456789")))
+            .body(Bytes::from_static(b"0123456789"))
             .unwrap(),
     )
     .await;
     assert_eq!(reply.status, 200);
-    assert_eq!(reply.headers["x-seen-body-len"], "10");
+    assert_eq!(reply.headers["x-upstream-body-len"], "10");
     // The pod's hop-by-hop headers do not come back either.
-    assert!(!reply.headers.contains_key("x-pod-private"));
-    let seen = pod.last_headers();
+    assert!(!reply.headers.contains_key("x-upstream-private"));
+    let seen = pod.last_request().unwrap().headers;
     assert_eq!(seen["k-proxy-request"], "activator");
     assert_eq!(seen["knative-serving-revision"], "hdrs");
     assert_eq!(seen["knative-serving-namespace"], "default");
@@ -304,19 +311,23 @@ async fn what_the_pod_sees() {
 #[tokio::test]
 async fn h2c_is_forwarded_as_h2c() {
     let (act, _stats) = activator(config()).await;
-    let pod = Pod::start("pod-a").await;
+    let pod = Upstream::start("pod-a").await.unwrap();
     act.revisions.upsert(revision("h2", 0, 0, &[&pod])).unwrap();
-    let reply = get(&h2c_client(), act.listen_addr, "h2").await;
+    let reply = get(&HttpClient::h2c(act.listen_addr), "h2").await;
     assert_eq!((reply.status, reply.body.as_str()), (200, "pod-a"));
-    assert_eq!(version_of(&reply), Version::HTTP_2);
-    let reply = get(&client(), act.listen_addr, "h2").await;
-    assert_eq!(version_of(&reply), Version::HTTP_11);
+    assert_eq!(reply.header("x-upstream-proto"), Some("HTTP/2"));
+    let reply = get(&HttpClient::new(act.listen_addr), "h2").await;
+    assert_eq!(reply.header("x-upstream-proto"), Some("HTTP/1.1"));
 }
 
 #[tokio::test]
 async fn upgrades_pass_through() {
     let (act, _stats) = activator(config()).await;
-    let pod = Pod::start("pod-a").await;
+    let pod = Upstream::builder("pod-a")
+        .echo_upgrades()
+        .start()
+        .await
+        .unwrap();
     act.revisions.upsert(revision("ws", 1, 0, &[&pod])).unwrap();
     wait_until("the pod is ready", || {
         act.revisions.state("default", "ws").unwrap().ready_pods == 1
@@ -363,7 +374,11 @@ async fn upgrades_pass_through() {
 #[tokio::test]
 async fn a_refused_upgrade_is_under_the_idle_timeout() {
     let (act, _stats) = activator(config()).await;
-    let pod = Pod::builder("pod-a").refuse_upgrades().start().await;
+    let pod = Upstream::builder("pod-a")
+        .refuse_upgrades(400)
+        .start()
+        .await
+        .unwrap();
     let mut rev = revision("ws", 1, 0, &[&pod]);
     rev.idle_timeout_seconds = 1;
     act.revisions.upsert(rev).unwrap();
@@ -390,6 +405,9 @@ async fn a_refused_upgrade_is_under_the_idle_timeout() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
+    // The pod sends the start of its body, then nothing, keeping the body open.
+    let refusal = within("the refusal", pod.refused_upgrade()).await;
+    refusal.send("refused").unwrap();
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, "refused");
@@ -406,20 +424,20 @@ async fn a_refused_upgrade_is_under_the_idle_timeout() {
 #[tokio::test]
 async fn an_unreachable_pod_is_502_and_probed_again() {
     let (act, _stats) = activator(config()).await;
-    let client = client();
-    let pod = Pod::start("pod-a").await;
-    let addr = pod.addr;
+    let client = HttpClient::new(act.listen_addr);
+    let pod = Upstream::start("pod-a").await.unwrap();
+    let addr = pod.addr();
     act.revisions
         .upsert(revision("gone", 0, 0, &[&pod]))
         .unwrap();
-    assert_eq!(get(&client, act.listen_addr, "gone").await.status, 200);
+    assert_eq!(get(&client, "gone").await.status, 200);
 
     // The pod dies without the control plane noticing yet. (Its server stops asynchronously:
     // a request may still make it just before.)
     drop(pod);
     let mut replies = Vec::new();
     while act.revisions.state("default", "gone").unwrap().ready_pods == 1 {
-        let reply = get(&client, act.listen_addr, "gone").await;
+        let reply = get(&client, "gone").await;
         assert!([200, 502].contains(&reply.status), "{reply:?}");
         replies.push(reply);
         assert!(replies.len() < 10, "{replies:?}");
@@ -430,12 +448,16 @@ async fn an_unreachable_pod_is_502_and_probed_again() {
     );
 
     // Meanwhile requests wait; the pod comes back on the same address and is used again.
-    let pending = spawn_get(&client, act.listen_addr, "gone");
+    let pending = spawn_get(&client, "gone");
     wait_until("the request is held", || {
         act.revisions.state("default", "gone").unwrap().held == 1
     })
     .await;
-    let back = Pod::builder("pod-a-again").listen(addr).start().await;
+    let back = Upstream::builder("pod-a-again")
+        .listen(addr)
+        .start()
+        .await
+        .unwrap();
     let reply = within("the held request", pending).await.unwrap();
     assert_eq!((reply.status, reply.body.as_str()), (200, "pod-a-again"));
     assert!(back.probes() >= 1);
@@ -444,9 +466,9 @@ async fn an_unreachable_pod_is_502_and_probed_again() {
 #[tokio::test]
 async fn removing_a_revision_answers_its_waiters_503() {
     let (act, _stats) = activator(config()).await;
-    let client = client();
+    let client = HttpClient::new(act.listen_addr);
     act.revisions.upsert(revision("bye", 0, 0, &[])).unwrap();
-    let pending = spawn_get(&client, act.listen_addr, "bye");
+    let pending = spawn_get(&client, "bye");
     wait_until("the request is held", || {
         act.revisions.state("default", "bye").unwrap().held == 1
     })
@@ -455,20 +477,18 @@ async fn removing_a_revision_answers_its_waiters_503() {
     let reply = within("the held request", pending).await.unwrap();
     assert_eq!(reply.status, 503);
     assert!(reply.body.contains("removed"), "{}", reply.body);
-    assert_eq!(get(&client, act.listen_addr, "bye").await.status, 404);
+    assert_eq!(get(&client, "bye").await.status, 404);
 }
 
 #[tokio::test]
 async fn capacity_follows_container_concurrency_changes() {
     let (act, _stats) = activator(config()).await;
-    let client = client();
-    let pod = Pod::builder("pod-a").gated().start().await;
+    let client = HttpClient::new(act.listen_addr);
+    let pod = Upstream::builder("pod-a").gated().start().await.unwrap();
     act.revisions
         .upsert(revision("grow", 1, 0, &[&pod]))
         .unwrap();
-    let pending: Vec<_> = (0..3)
-        .map(|_| spawn_get(&client, act.listen_addr, "grow"))
-        .collect();
+    let pending: Vec<_> = (0..3).map(|_| spawn_get(&client, "grow")).collect();
     wait_until("one at the pod, two held", || {
         let s = act.revisions.state("default", "grow").unwrap();
         (s.proxied, s.held) == (1, 2) && pod.in_flight() == 1
@@ -488,8 +508,8 @@ async fn capacity_follows_container_concurrency_changes() {
 #[tokio::test]
 async fn stats_report_time_weighted_concurrency() {
     let (act, mut stats) = activator(config()).await;
-    let client = client();
-    let pod = Pod::builder("pod-a").gated().start().await;
+    let client = HttpClient::new(act.listen_addr);
+    let pod = Upstream::builder("pod-a").gated().start().await.unwrap();
     act.revisions
         .upsert(revision("busy", 0, 0, &[&pod]))
         .unwrap();
@@ -497,7 +517,7 @@ async fn stats_report_time_weighted_concurrency() {
         act.revisions.state("default", "busy").unwrap().ready_pods == 1
     })
     .await;
-    let pending = spawn_get(&client, act.listen_addr, "busy");
+    let pending = spawn_get(&client, "busy");
     wait_until("the request is at the pod", || pod.in_flight() == 1).await;
 
     // The first report counts the request (part of the period); the next one covers a whole
@@ -545,9 +565,9 @@ async fn drain_keeps_serving_held_requests() {
         ..config()
     })
     .await;
-    let client = client();
+    let client = HttpClient::new(act.listen_addr);
     act.revisions.upsert(revision("drain", 0, 0, &[])).unwrap();
-    let held = spawn_get(&client, act.listen_addr, "drain");
+    let held = spawn_get(&client, "drain");
     wait_until("the request is held", || {
         act.revisions.state("default", "drain").unwrap().held == 1
     })
@@ -557,12 +577,12 @@ async fn drain_keeps_serving_held_requests() {
     wait_until_async_ready_fails(admin).await;
 
     // Still serving while draining: a new request is held too; then a pod appears.
-    let during = spawn_get(&client, listen, "drain");
+    let during = spawn_get(&client, "drain");
     wait_until("two requests are held", || {
         revisions.state("default", "drain").unwrap().held == 2
     })
     .await;
-    let pod = Pod::start("pod-a").await;
+    let pod = Upstream::start("pod-a").await.unwrap();
     revisions.upsert(revision("drain", 0, 0, &[&pod])).unwrap();
     assert_eq!(within("held", held).await.unwrap().status, 200);
     assert_eq!(
@@ -588,12 +608,12 @@ async fn wait_until_async_ready_fails(admin: std::net::SocketAddr) {
 #[tokio::test]
 async fn a_pod_slow_to_start_its_response_is_504() {
     let (act, _stats) = activator(config()).await;
-    let pod = Pod::builder("pod-a").gated().start().await;
+    let pod = Upstream::builder("pod-a").gated().start().await.unwrap();
     let mut rev = revision("mute", 0, 0, &[&pod]);
     rev.response_start_timeout_seconds = 1;
     act.revisions.upsert(rev).unwrap();
     let started = tokio::time::Instant::now();
-    let reply = get(&client(), act.listen_addr, "mute").await;
+    let reply = get(&HttpClient::new(act.listen_addr), "mute").await;
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (504, "activator request timeout")

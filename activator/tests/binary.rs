@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 
 use common::*;
+use knarr_test_support::{within, HttpClient, Upstream};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 
@@ -41,12 +42,15 @@ async fn bad_flags_exit_64_naming_the_flag() {
 #[tokio::test]
 async fn sigterm_loses_no_held_or_in_flight_request() {
     // CC 1, one slow pod: one request at the pod, the others held in the activator.
-    let pod = Pod::builder("pod-a").gated().start().await;
+    let pod = Upstream::builder("pod-a").gated().start().await.unwrap();
     let mut child = command(&[
         "--listen=127.0.0.1:0".into(),
         "--admin=127.0.0.1:0".into(),
         "--drain-quiet-seconds=1".into(),
-        format!("--static-revision=default/hello,cc=1,endpoint={}", pod.addr),
+        format!(
+            "--static-revision=default/hello,cc=1,endpoint={}",
+            pod.addr()
+        ),
     ])
     .spawn()
     .unwrap();
@@ -72,10 +76,8 @@ async fn sigterm_loses_no_held_or_in_flight_request() {
     let admin = field(&line, "admin").expect(&line);
     assert_eq!(admin_get(admin, "/readyz").await.0, 200);
 
-    let client = client();
-    let mut pending: Vec<_> = (0..5)
-        .map(|_| spawn_get(&client, listen, "hello"))
-        .collect();
+    let client = HttpClient::new(listen);
+    let mut pending: Vec<_> = (0..5).map(|_| spawn_get(&client, "hello")).collect();
     let held = |n: f64| async move {
         let (_, metrics) = admin_get(admin, "/metrics").await;
         metric(&metrics, "activator_held_requests") == Some(n)
@@ -100,7 +102,7 @@ async fn sigterm_loses_no_held_or_in_flight_request() {
         }
     })
     .await;
-    pending.push(spawn_get(&client, listen, "hello"));
+    pending.push(spawn_get(&client, "hello"));
     within("five held", async {
         while !held(5.0).await {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
