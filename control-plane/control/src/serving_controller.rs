@@ -25,7 +25,7 @@ use knarr_proto::activator::RevisionStats;
 use knarr_proto::Stat;
 use knarr_runtime::{Runtime, RuntimeError};
 use knarr_serving::{
-    CoreConfig, GatewayAnswer, GatewayCheck, ObjectError, Plan, ServingCore, View,
+    CoreConfig, GatewayAnswer, GatewayCheck, ObjectError, Plan, ServingCore, StatusSink, View,
 };
 use knarr_xds::Resource;
 use prost::Message as _;
@@ -62,11 +62,27 @@ pub struct ServingController {
     ingress: Arc<IngressController>,
     runtime: Arc<dyn Runtime>,
     inner: Mutex<Inner>,
-    /// What readers see: the view as of the last pass.
-    view: ArcSwap<View>,
+    /// What `knarr get` reads: the view as of the last pass.
+    local: Arc<LocalView>,
+    /// Where statuses go: the local view, and any other sink (the API server's objects).
+    sinks: Vec<Arc<dyn StatusSink>>,
     /// Wakes the loop after an apply, a delete or a poke.
     wake: Notify,
+}
+
+/// The status sink of `knarr up`: the view the status API reads, swapped in whole after each
+/// pass that changed it, and a counter for those who wait on changes.
+#[derive(Default)]
+pub struct LocalView {
+    view: ArcSwap<View>,
     changes: watch::Sender<u64>,
+}
+
+impl StatusSink for LocalView {
+    fn publish(&self, view: &View, _changed: &[ServingKey]) {
+        self.view.store(Arc::new(view.clone()));
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
 }
 
 struct Inner {
@@ -102,9 +118,12 @@ impl ServingController {
         runtime: Arc<dyn Runtime>,
         autoscaling: Option<AutoscalerConfig>,
     ) -> Arc<Self> {
+        let local = Arc::new(LocalView::default());
         Arc::new(ServingController {
             ingress,
             runtime,
+            sinks: vec![local.clone()],
+            local,
             inner: Mutex::new(Inner {
                 store: Store::new(autoscaling.clone()),
                 core: ServingCore::new(CoreConfig {
@@ -113,9 +132,7 @@ impl ServingController {
                 }),
                 pods_seen: 0,
             }),
-            view: ArcSwap::default(),
             wake: Notify::new(),
-            changes: watch::Sender::new(0),
         })
     }
 
@@ -184,7 +201,7 @@ impl ServingController {
 
     /// The view as of the last pass (a cheap copy).
     pub fn view(&self) -> Arc<View> {
-        self.view.load_full()
+        self.local.view.load_full()
     }
 
     /// Every object of `kind` as a manifest with its status, sorted by namespace and name.
@@ -223,7 +240,7 @@ impl ServingController {
 
     /// Bumped whenever the view changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
+        self.local.changes.subscribe()
     }
 
     /// Where the activators listen: proxy-mode endpoints point there.
@@ -378,11 +395,12 @@ impl ServingController {
             (plan, view)
         };
         let size = plan.scale.len() + plan.publish.len() + plan.activator.len();
-        self.carry_out(plan);
-        if let Some(view) = view {
-            self.view.store(Arc::new(view));
-            self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        if let Some(view) = &view {
+            for sink in &self.sinks {
+                sink.publish(view, &plan.statuses);
+            }
         }
+        self.carry_out(plan);
         size
     }
 

@@ -673,7 +673,7 @@ impl ServingCore {
         let mut owned = self.owned_revisions(key, &names);
         let mut names = names;
         if let Some(revision) =
-            configuration_revision(&config, &self.namespace_revisions(key, &owned))
+            configuration_revision(&config, &self.namespace_revisions(&config, &owned))
         {
             info!(revision = %revision.metadata.name, namespace = %revision.metadata.namespace, "revision created");
             let rev_key = revision_key(&revision);
@@ -720,35 +720,26 @@ impl ServingCore {
 
     /// What [`configuration_revision`] must see to pick a free name: the Configuration's own
     /// revisions, plus any revision of the namespace already holding the name it would pick.
-    fn namespace_revisions(&self, key: &ServingKey, owned: &[Revision]) -> Vec<Revision> {
+    fn namespace_revisions(&self, config: &Configuration, owned: &[Revision]) -> Vec<Revision> {
         let mut all = owned.to_vec();
-        let prefix = &key.namespace;
-        let template_name = self
-            .effective_config(key)
-            .map(|c| c.spec.template.metadata.name)
-            .unwrap_or_default();
+        let namespace = &config.metadata.namespace;
         // Names other configurations hold: only a user-chosen name or `<config>-NNNNN` can
         // collide, and both are looked up directly.
-        let mut candidates: Vec<String> = Vec::new();
-        if !template_name.is_empty() {
-            candidates.push(template_name);
-        }
-        let generation = self
-            .effective_config(key)
-            .and_then(|c| c.metadata.generation)
-            .unwrap_or(1);
+        let template_name = &config.spec.template.metadata.name;
         let after = owned
             .iter()
             .filter_map(Revision::configuration_generation)
             .max()
             .map_or(1, |g| g + 1);
-        candidates.push(format!("{}-{:05}", key.name, generation.max(after)));
-        for name in candidates {
-            let rev = ServingKey::new(ServingKind::Revision, prefix, &name);
+        let generation = config.metadata.generation.unwrap_or(1).max(after);
+        let generated = format!("{}-{generation:05}", config.metadata.name);
+        for name in [template_name, &generated] {
+            if name.is_empty() || all.iter().any(|r| r.metadata.name == *name) {
+                continue;
+            }
+            let rev = ServingKey::new(ServingKind::Revision, namespace, name);
             if let Some(state) = self.revisions.get(&rev) {
-                if !all.iter().any(|r| r.metadata.name == name) {
-                    all.push(state.revision.clone());
-                }
+                all.push(state.revision.clone());
             }
         }
         all

@@ -41,7 +41,7 @@ mod view;
 pub use crate::backend::REVISION_LABEL;
 pub use crate::core::{CoreConfig, GatewayAnswer, GatewayCheck, ObjectError, Plan, ServingCore};
 pub use crate::pod::{LocalPod, Phase, PodStatus, RevisionRef};
-pub use crate::view::{PodInfo, ServiceSummary, View};
+pub use crate::view::{PodInfo, ServiceSummary, StatusSink, View};
 
 #[cfg(test)]
 mod tests;

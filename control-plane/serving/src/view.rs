@@ -25,6 +25,14 @@ pub struct View {
     pub pods: OrdMap<ServingKey, Arc<Vec<PodStatus>>>,
 }
 
+/// Where statuses go after a pass: the local view that `knarr get` reads (`knarr up`), or the
+/// objects' `status` on the API server (Kubernetes). Implementations must not block: they copy
+/// what they need and write in the background.
+pub trait StatusSink: Send + Sync {
+    /// The view after a pass, and the objects whose status (or pods) changed in it.
+    fn publish(&self, view: &View, changed: &[ServingKey]);
+}
+
 /// One pod, as the status API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
