@@ -7,8 +7,9 @@
 //! built with a [`SnapshotBuilder`] and published through the [`SnapshotCache`] (one per node
 //! group, swapped atomically).
 //!
-//! Pure data: no gRPC, no sockets, no Kubernetes. `knarr-translate` builds snapshots with only
-//! this crate and the model; `knarr-xds` serves them.
+//! Pure data: no gRPC service, no sockets, no Kubernetes. `knarr-translate` builds snapshots with
+//! only this crate and the model; `knarr-xds` serves them. (`envoy-types` still brings `tonic`
+//! into the dependency tree, for the servers it generates; nothing here uses them.)
 
 pub mod resource;
 pub mod snapshot;

@@ -3,8 +3,8 @@
 //! Input: plain values describing gateways, virtual hosts, routes with weighted splits, and
 //! backends with their endpoints. Output: Envoy `Listener`, `RouteConfiguration`, `Cluster` and
 //! `ClusterLoadAssignment` protos, ready for a [`knarr_snapshot::Snapshot`]. No I/O, no clocks,
-//! no gRPC (only the model and `knarr-snapshot`); the same input always gives byte-identical
-//! output, so unchanged resources keep their versions.
+//! no gRPC service (only the model and `knarr-snapshot`); the same input always gives
+//! byte-identical output, so unchanged resources keep their versions.
 //!
 //! Conventions Envoy sees:
 //! - every backend cluster is an EDS cluster over ADS whose ClusterLoadAssignment has the same
