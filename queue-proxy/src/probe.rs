@@ -730,14 +730,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
-    use std::net::SocketAddr;
-    use std::sync::atomic::AtomicU16;
-
-    use http_body_util::Full;
-    use hyper::service::service_fn;
-    use tokio::net::{TcpListener, TcpSocket};
-    use tokio::sync::mpsc;
+    use knarr_test_support::{local_listener, ReservedPort, Upstream};
     use tokio::time::timeout;
 
     use super::*;
@@ -1051,15 +1044,14 @@ mod tests {
     #[tokio::test]
     async fn tcp_ready_soon_after_the_app_listens() {
         // Bound but not listening: connects are refused, and the port stays ours.
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let port = socket.local_addr().unwrap().port();
+        let socket = ReservedPort::new().unwrap();
+        let port = socket.port();
 
         let readiness = Readiness::spawn(tcp_config(port));
         probes_reach(&readiness, 3).await;
         assert!(!readiness.is_ready());
 
-        let _listener = socket.listen(16).unwrap();
+        let _listener = socket.listen().unwrap();
         let listening = std::time::Instant::now();
         timeout(PATIENCE, readiness.wait_ready())
             .await
@@ -1074,61 +1066,44 @@ mod tests {
         assert!(*readiness.subscribe().borrow());
     }
 
-    /// An app answering every request with `status`; reports each request it gets.
-    async fn http_app(
-        status: Arc<AtomicU16>,
-    ) -> (SocketAddr, mpsc::UnboundedReceiver<http::request::Parts>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (seen, requests) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let (status, seen) = (Arc::clone(&status), seen.clone());
-                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let _ = seen.send(request.into_parts().0);
-                    let mut response = Response::new(Full::new(Bytes::from_static(b"hi")));
-                    *response.status_mut() =
-                        StatusCode::from_u16(status.load(Ordering::Relaxed)).unwrap();
-                    std::future::ready(Ok::<_, Infallible>(response))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
-            }
-        });
-        (addr, requests)
+    /// An app answering every request with `status` (probe headers are not Knative's, so it
+    /// does not answer them itself).
+    async fn http_app(status: u16) -> Upstream {
+        Upstream::builder("app")
+            .status(status)
+            .start()
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
     async fn http_probe_ready_on_200_with_configured_headers() {
-        let (addr, mut requests) = http_app(Arc::new(AtomicU16::new(200))).await;
-        let readiness = Readiness::spawn(http_config(addr.port()));
+        let app = http_app(200).await;
+        let readiness = Readiness::spawn(http_config(app.port()));
         timeout(PATIENCE, readiness.wait_ready())
             .await
             .expect("ready");
 
-        let request = requests.recv().await.unwrap();
+        let request = app.last_request().expect("the app was probed");
         assert_eq!(request.method, http::Method::GET);
         assert_eq!(request.uri, "/healthz?deep=1");
         assert_eq!(request.headers["user-agent"], PROBE_USER_AGENT);
         assert_eq!(request.headers["x"], "y");
         assert_eq!(
             request.headers["host"],
-            format!("127.0.0.1:{}", addr.port()).as_str()
+            format!("127.0.0.1:{}", app.port()).as_str()
         );
     }
 
     #[tokio::test]
     async fn http_probe_not_ready_on_500_or_when_the_app_hangs() {
-        let (addr, _requests) = http_app(Arc::new(AtomicU16::new(500))).await;
-        let readiness = Readiness::spawn(http_config(addr.port()));
+        let app = http_app(500).await;
+        let readiness = Readiness::spawn(http_config(app.port()));
         probes_reach(&readiness, 3).await;
         assert!(!readiness.is_ready());
 
-        // Accepts and never answers: each probe times out.
-        let hang = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Accepts (into the kernel's backlog) and never answers: each probe times out.
+        let hang = local_listener().await.unwrap();
         let readiness = Readiness::spawn(http_config(hang.local_addr().unwrap().port()));
         probes_reach(&readiness, 2).await;
         assert!(!readiness.is_ready());
@@ -1136,8 +1111,8 @@ mod tests {
 
     #[tokio::test]
     async fn http_probe_3xx_is_ready() {
-        let (addr, _requests) = http_app(Arc::new(AtomicU16::new(302))).await;
-        let readiness = Readiness::spawn(http_config(addr.port()));
+        let app = http_app(302).await;
+        let readiness = Readiness::spawn(http_config(app.port()));
         timeout(PATIENCE, readiness.wait_ready())
             .await
             .expect("ready");
@@ -1145,12 +1120,11 @@ mod tests {
 
     #[tokio::test]
     async fn failures_flip_ready_back_and_success_restores_it() {
-        let status = Arc::new(AtomicU16::new(200));
-        let (addr, _requests) = http_app(Arc::clone(&status)).await;
+        let app = http_app(200).await;
         let config = ProbeConfig {
             period: Duration::from_millis(20),
             failure_threshold: 2,
-            ..http_config(addr.port())
+            ..http_config(app.port())
         };
         let readiness = Readiness::spawn(config);
         let mut changes = readiness.subscribe();
@@ -1159,14 +1133,14 @@ mod tests {
             .unwrap()
             .unwrap();
 
-        status.store(503, Ordering::Relaxed);
+        app.set_status(503);
         timeout(PATIENCE, changes.wait_for(|r| !*r))
             .await
             .unwrap()
             .unwrap();
         assert!(!readiness.is_ready());
 
-        status.store(200, Ordering::Relaxed);
+        app.set_status(200);
         timeout(PATIENCE, readiness.wait_ready())
             .await
             .expect("ready again");
@@ -1174,8 +1148,8 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_readiness_stops_probing() {
-        let (addr, _requests) = http_app(Arc::new(AtomicU16::new(500))).await;
-        let readiness = Readiness::spawn(http_config(addr.port()));
+        let app = http_app(500).await;
+        let readiness = Readiness::spawn(http_config(app.port()));
         probes_reach(&readiness, 1).await;
         let mut count = readiness.watch_probe_count();
         drop(readiness);

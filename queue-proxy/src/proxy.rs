@@ -255,85 +255,23 @@ struct Guards {
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
     use http_body_util::Empty;
-    use hyper::body::{Body, Frame};
-    use tokio::net::TcpListener;
-    use tokio::sync::mpsc;
+    use knarr_test_support::{wait_until, within, Upstream};
 
     use http::header::{CONNECTION, UPGRADE};
 
     use super::*;
     use crate::app::Running;
 
-    const WAIT: Duration = Duration::from_secs(10);
-
-    /// A response body the test writes chunk by chunk; it ends when the sender is dropped.
-    struct Fed(mpsc::UnboundedReceiver<Bytes>);
-
-    impl Body for Fed {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            self.0.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c))))
-        }
-    }
-
-    /// What the app tells the test.
-    enum Seen {
-        /// An Upgrade request, refused with `status`; the test writes the body.
-        Upgrade(mpsc::UnboundedSender<Bytes>),
-        /// An ordinary request, with the headers it came with (answered "ok" at once, with a
-        /// header that only its `Connection` names).
-        Ordinary(http::HeaderMap),
-    }
-
-    /// An HTTP/1.1 app that refuses every upgrade with `status` and a body the test streams, and
-    /// answers other requests "ok".
-    async fn app(status: StatusCode) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (seen, seen_rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let seen = seen.clone();
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        let mut resp = Response::new(Fed(rx));
-                        if req.headers().contains_key(UPGRADE) {
-                            *resp.status_mut() = status;
-                            let _ = seen.send(Seen::Upgrade(tx));
-                        } else {
-                            let _ = seen.send(Seen::Ordinary(req.headers().clone()));
-                            tx.send(Bytes::from_static(b"ok")).unwrap();
-                            let h = resp.headers_mut();
-                            h.insert(CONNECTION, HeaderValue::from_static("x-app-private"));
-                            h.insert("x-app-private", HeaderValue::from_static("1"));
-                            h.insert("x-app-public", HeaderValue::from_static("1"));
-                        }
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades(),
-                );
-            }
-        });
-        (addr, seen_rx)
+    /// The app: answers ordinary requests with its name, `app` (and a header that only its
+    /// `Connection` names), and refuses every upgrade with `status` and a body the test streams.
+    async fn app(status: u16) -> Upstream {
+        Upstream::builder("app")
+            .refuse_upgrades(status)
+            .hop_by_hop_header()
+            .start()
+            .await
+            .unwrap()
     }
 
     fn config(user_port: u16, container_concurrency: usize, idle: Option<Duration>) -> Config {
@@ -378,32 +316,22 @@ mod tests {
             .unwrap()
     }
 
-    async fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
-        let give_up = Instant::now() + WAIT;
-        while !done() {
-            assert!(Instant::now() < give_up, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
     /// An app that refuses an upgrade (200 or 400) streams an ordinary body: until its last
     /// byte, the request keeps its breaker slot and its place in the concurrency count, so with
     /// CONTAINER_CONCURRENCY 1 the next request waits instead of reaching the app alongside it.
     #[tokio::test]
     async fn a_refused_upgrade_holds_its_slot_until_its_body_ends() {
         for status in [StatusCode::OK, StatusCode::BAD_REQUEST] {
-            let (app, mut seen) = app(status).await;
+            let app = app(status.as_u16()).await;
             let qp = Running::start(config(app.port(), 1, None)).await.unwrap();
             let breaker = qp.proxy.breaker.as_ref().unwrap();
 
             let mut upgrade_conn = connect(qp.serving_addr).await;
             let resp = upgrade_conn.send_request(upgrade_request()).await.unwrap();
-            let Some(Seen::Upgrade(chunks)) = seen.recv().await else {
-                panic!("the app saw no upgrade request");
-            };
+            let chunks = within("the app to refuse the upgrade", app.refused_upgrade()).await;
             assert_eq!(resp.status(), status);
             let mut body = resp.into_body();
-            chunks.send(Bytes::from_static(b"one ")).unwrap();
+            chunks.send("one ").unwrap();
             let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
             assert_eq!(first, "one ");
 
@@ -418,31 +346,31 @@ mod tests {
                 let status = resp.status();
                 (status, resp.into_body().collect().await.unwrap().to_bytes())
             });
-            tokio::select! {
-                s = seen.recv() => {
-                    assert!(
-                        !matches!(s, Some(Seen::Ordinary(_))),
-                        "{status}: the ordinary request reached the app while the refused \
-                         upgrade's body was still streaming (CONTAINER_CONCURRENCY 1)"
-                    );
-                    panic!("the app went away");
-                }
-                () = poll_until("the ordinary request to queue", || breaker.waiting() == 1) => {}
-            }
+            wait_until("the ordinary request to queue (or reach the app)", || {
+                breaker.waiting() == 1 || app.requests() > 1
+            })
+            .await;
+            assert_eq!(
+                app.requests(),
+                1,
+                "{status}: the ordinary request reached the app while the refused upgrade's body \
+                 was still streaming (CONTAINER_CONCURRENCY 1)"
+            );
             assert_eq!(breaker.in_flight(), 1);
             assert_eq!(qp.proxy.stats.in_flight(), 2);
 
             // The body ends; only then does the ordinary request go through.
-            chunks.send(Bytes::from_static(b"two ")).unwrap();
-            chunks.send(Bytes::from_static(b"three")).unwrap();
+            chunks.send("two ").unwrap();
+            chunks.send("three").unwrap();
             drop(chunks);
             let rest = body.collect().await.unwrap().to_bytes();
             assert_eq!(rest, "two three");
-            assert!(matches!(seen.recv().await, Some(Seen::Ordinary(_))));
-            let (ordinary_status, ordinary_body) = ordinary.await.unwrap();
+            let (ordinary_status, ordinary_body) =
+                within("the ordinary request", ordinary).await.unwrap();
             assert_eq!(ordinary_status, StatusCode::OK);
-            assert_eq!(ordinary_body, "ok");
-            poll_until("nothing in flight", || qp.proxy.stats.in_flight() == 0).await;
+            assert_eq!(ordinary_body, "app");
+            assert_eq!(app.requests(), 2);
+            wait_until("nothing in flight", || qp.proxy.stats.in_flight() == 0).await;
             assert_eq!(breaker.in_flight(), 0);
         }
     }
@@ -451,25 +379,23 @@ mod tests {
     /// sending is cut off and the request's slot comes back.
     #[tokio::test]
     async fn a_refused_upgrade_body_is_cut_by_the_idle_timeout() {
-        let (app, mut seen) = app(StatusCode::BAD_REQUEST).await;
+        let app = app(400).await;
         let idle = Duration::from_millis(200);
         let qp = Running::start(config(app.port(), 1, Some(idle)))
             .await
             .unwrap();
         let mut conn = connect(qp.serving_addr).await;
         let resp = conn.send_request(upgrade_request()).await.unwrap();
-        let Some(Seen::Upgrade(chunks)) = seen.recv().await else {
-            panic!("the app saw no upgrade request");
-        };
+        let chunks = within("the app to refuse the upgrade", app.refused_upgrade()).await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-        chunks.send(Bytes::from_static(b"partial")).unwrap();
+        chunks.send("partial").unwrap();
         // Then nothing, with the app's side still open.
-        let cut = tokio::time::timeout(WAIT, resp.into_body().collect()).await;
+        let cut = within("the idle timeout", resp.into_body().collect()).await;
         assert!(
-            matches!(cut, Ok(Err(_))),
+            cut.is_err(),
             "a stalled refused upgrade must fail on the idle timeout, not hang"
         );
-        poll_until("nothing in flight", || qp.proxy.stats.in_flight() == 0).await;
+        wait_until("nothing in flight", || qp.proxy.stats.in_flight() == 0).await;
         drop(chunks);
     }
 
@@ -477,7 +403,7 @@ mod tests {
     /// `Connection` names included; the gateway's routing headers stop here too.
     #[tokio::test]
     async fn hop_by_hop_headers_stay_behind() {
-        let (app, mut seen) = app(StatusCode::BAD_REQUEST).await;
+        let app = app(400).await;
         let qp = Running::start(config(app.port(), 0, None)).await.unwrap();
         let mut conn = connect(qp.serving_addr).await;
         let req = Request::get("/")
@@ -490,9 +416,7 @@ mod tests {
             .body(Empty::new())
             .unwrap();
         let resp = conn.send_request(req).await.unwrap();
-        let Some(Seen::Ordinary(at_app)) = seen.recv().await else {
-            panic!("the app saw no ordinary request");
-        };
+        let at_app = app.last_request().expect("the app saw the request").headers;
         for gone in [
             "connection",
             "keep-alive",
@@ -504,8 +428,10 @@ mod tests {
         assert_eq!(at_app.get("x-client-public").unwrap(), "1");
         assert_eq!(at_app.get("host").unwrap(), "x");
         assert_eq!(resp.status(), StatusCode::OK);
-        assert!(!resp.headers().contains_key("x-app-private"));
-        assert_eq!(resp.headers().get("x-app-public").unwrap(), "1");
-        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        assert!(!resp
+            .headers()
+            .contains_key(knarr_test_support::upstream::PRIVATE_HEADER));
+        assert_eq!(resp.headers().get("x-upstream").unwrap(), "app");
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "app");
     }
 }

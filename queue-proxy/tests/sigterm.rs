@@ -1,48 +1,20 @@
 //! The real `knarr-queue-proxy` binary: bad configuration stops it with a message naming the
 //! variable, and a SIGTERM under continuous load loses no request.
 
-use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use knarr_test_support::{poll_until, HttpClient, Upstream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_knarr-queue-proxy");
 
+/// A port for the child, which is configured by port numbers (see
+/// [`knarr_test_support::free_port`]).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A tiny app on 127.0.0.1:0 that answers "ok".
-async fn app() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    knarr_test_support::free_port().unwrap()
 }
 
 fn command(env: &[(&str, String)]) -> tokio::process::Command {
@@ -77,22 +49,15 @@ fn knative_env(serving: u16, user: u16) -> Vec<(&'static str, String)> {
     ]
 }
 
-async fn get(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Empty<Bytes>,
-    >,
-    addr: SocketAddr,
-    probe: bool,
-) -> Option<u16> {
-    let mut req = hyper::Request::get(format!("http://{addr}/"));
-    if probe {
-        req = req.header("K-Network-Probe", "queue");
-    }
-    let resp = client.request(req.body(Empty::new()).unwrap()).await.ok()?;
-    let status = resp.status().as_u16();
-    resp.into_body().collect().await.ok()?;
-    Some(status)
+/// The status of a GET to the queue-proxy (a kubelet-style probe if `probe`), `None` if the
+/// exchange failed.
+async fn get(client: &HttpClient, probe: bool) -> Option<u16> {
+    let headers: &[(&str, &str)] = if probe {
+        &[("K-Network-Probe", "queue")]
+    } else {
+        &[]
+    };
+    Some(client.get_with("x", "/", headers).await.ok()?.status)
 }
 
 #[tokio::test]
@@ -107,17 +72,18 @@ async fn missing_variable_stops_it_naming_the_variable() {
 
 #[tokio::test]
 async fn sigterm_under_load_loses_no_request() {
-    let app = app().await;
+    let app = Upstream::start("ok").await.unwrap();
     let port = free_port();
     let mut child = command(&knative_env(port, app.port())).spawn().unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let client = HttpClient::new(SocketAddr::from(([127, 0, 0, 1], port)));
     // Ready: the kubelet-style probe answers 200.
-    let t0 = tokio::time::Instant::now();
-    while get(&client, addr, true).await != Some(200) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "never became ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll_until(
+        "the queue-proxy to be ready",
+        Duration::from_secs(30),
+        || async { get(&client, true).await == Some(200) },
+    )
+    .await
+    .unwrap();
     // Continuous load.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -126,7 +92,7 @@ async fn sigterm_under_load_loses_no_request() {
         let (client, stop, ok, failed) = (client.clone(), stop.clone(), ok.clone(), failed.clone());
         workers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                match get(&client, addr, false).await {
+                match get(&client, false).await {
                     Some(200) => ok.fetch_add(1, Ordering::Relaxed),
                     _ => failed.fetch_add(1, Ordering::Relaxed),
                 };
@@ -143,13 +109,13 @@ async fn sigterm_under_load_loses_no_request() {
         .status()
         .unwrap();
     assert!(status.success());
-    let t0 = tokio::time::Instant::now();
-    while get(&client, addr, true).await != Some(503) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "probes still pass while draining"
-        );
-    }
+    poll_until(
+        "probes to fail while draining",
+        Duration::from_secs(10),
+        || async { get(&client, true).await == Some(503) },
+    )
+    .await
+    .unwrap();
     let served = ok.load(Ordering::Relaxed);
     while ok.load(Ordering::Relaxed) < served + 200 {
         tokio::task::yield_now().await;

@@ -10,7 +10,7 @@ use knarr_proto::Stat;
 use knarr_queue_proxy::app::Running;
 use knarr_queue_proxy::config::Config;
 use knarr_tests::conformance::{ws_connect, LoadGenerator, WebSocketEcho};
-use knarr_tests::{http_get, poll_until, HttpClient, Upstream};
+use knarr_tests::{http_get, poll_until, HttpClient, ReservedPort, Upstream};
 use prost::Message;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -106,21 +106,15 @@ async fn proxies_strips_internal_headers_and_answers_probes() {
 
 #[tokio::test]
 async fn not_ready_until_the_app_listens() {
-    // A port nothing listens on yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let qp = start(port, &[]).await;
+    // A port nothing listens on yet, but bound, so nothing else takes it meanwhile.
+    let reserved = ReservedPort::new().unwrap();
+    let qp = start(reserved.port(), &[]).await;
     assert_eq!(probe_queue(qp.serving_addr).await, 503);
     // And requests meanwhile: the app cannot be reached.
     let r = http_get(qp.serving_addr, "x", "/").await.unwrap();
     assert_eq!(r.status, 502);
     let app = Upstream::builder("late")
-        .listen(SocketAddr::from(([127, 0, 0, 1], port)))
-        .start()
-        .await
+        .start_on(reserved.listen().unwrap())
         .unwrap();
     wait_ready(qp.serving_addr).await;
     assert_eq!(
