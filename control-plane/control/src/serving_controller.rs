@@ -39,6 +39,10 @@ use crate::store::{Store, Stored};
 pub use crate::store::{resolve_working_dirs, Applied};
 pub use knarr_serving::{PodInfo, ServiceSummary};
 
+/// How late an autoscaler tick may run so that it shares a pass with others (Knative's tick
+/// is every 2 s).
+const TICK_SLACK: Duration = Duration::from_millis(50);
+
 /// How often each ready pod's queue-proxy is read, and how long a read may take.
 const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
 const SCRAPE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -330,9 +334,11 @@ impl ServingController {
                 tokio::task::yield_now().await;
                 continue;
             }
+            // Ticks due within TICK_SLACK of each other run in one pass: each revision has
+            // its own phase, and waking once per revision would cost more than the ticks.
             let tick = async {
                 match next_tick {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    Some(at) => tokio::time::sleep_until((at + TICK_SLACK).into()).await,
                     None => std::future::pending().await,
                 }
             };

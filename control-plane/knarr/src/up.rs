@@ -363,27 +363,30 @@ async fn print_status(
     let mut shown: BTreeMap<(String, String), ServiceSummary> = BTreeMap::new();
     let mut hinted: BTreeSet<(String, String)> = BTreeSet::new();
     let mut errors_shown: BTreeSet<String> = BTreeSet::new();
+    let mut view_changed = true;
     loop {
-        let summaries = serving.summaries();
-        let live: BTreeSet<(String, String)> = summaries
-            .iter()
-            .map(|s| (s.namespace.clone(), s.name.clone()))
-            .collect();
-        for gone in shown.keys().filter(|k| !live.contains(*k)) {
-            say!("{}/{}  deleted", gone.0, gone.1);
-        }
-        shown.retain(|k, _| live.contains(k));
-        hinted.retain(|k| live.contains(k));
-        for summary in summaries {
-            let key = (summary.namespace.clone(), summary.name.clone());
-            if shown.get(&key) == Some(&summary) {
-                continue;
+        if view_changed {
+            let summaries = serving.summaries();
+            let live: BTreeSet<(String, String)> = summaries
+                .iter()
+                .map(|s| (s.namespace.clone(), s.name.clone()))
+                .collect();
+            for gone in shown.keys().filter(|k| !live.contains(*k)) {
+                say!("{}/{}  deleted", gone.0, gone.1);
             }
-            say!("{}", summary_line(&summary));
-            if summary.ready == "Ready" && hinted.insert(key.clone()) {
-                say!("  try: {}", curl_hint(&summary.url, &external, &internal));
+            shown.retain(|k, _| live.contains(k));
+            hinted.retain(|k| live.contains(k));
+            for summary in summaries {
+                let key = (summary.namespace.clone(), summary.name.clone());
+                if shown.get(&key) == Some(&summary) {
+                    continue;
+                }
+                say!("{}", summary_line(&summary));
+                if summary.ready == "Ready" && hinted.insert(key.clone()) {
+                    say!("  try: {}", curl_hint(&summary.url, &external, &internal));
+                }
+                shown.insert(key, summary);
             }
-            shown.insert(key, summary);
         }
         if let Some(ingress) = &ingress {
             let mut errors = ingress.errors();
@@ -396,9 +399,12 @@ async fn print_status(
             errors_shown = errors.into_iter().collect();
         }
         tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
+            changed = changes.changed() => {
+                if changed.is_err() { return }
+                view_changed = true;
+            }
             // Source errors are not part of the serving status; look at them now and then.
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = tokio::time::sleep(Duration::from_millis(500)) => view_changed = false,
         }
     }
 }
