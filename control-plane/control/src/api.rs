@@ -32,7 +32,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use knarr_model::serving::{ServingKey, ServingKind};
+use knarr_model::serving::{ServingKey, ServingKind, ServingObject};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -40,6 +40,7 @@ use tokio::sync::watch;
 use crate::admin::{reply, serve_http_with_body};
 use crate::ingress_controller::IngressController;
 use crate::serving_controller::{Applied, DeleteError, PodInfo, ServingController};
+use crate::table;
 
 /// The answer to `POST /api/v1/apply`: what was applied (200), or every error (422, nothing
 /// applied). The CLI reads the same type.
@@ -49,6 +50,12 @@ pub struct ApplyAnswer {
     pub applied: Vec<Applied>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+}
+
+/// A list answer, serialized from borrowed items.
+#[derive(Serialize)]
+struct Items<'a, T> {
+    items: &'a [T],
 }
 
 /// The answer to `GET /api/v1/pods/{namespace}/{name}`.
@@ -210,13 +217,16 @@ fn handle(state: &ApiState, req: &Request<Bytes>) -> Response<Full<Bytes>> {
     };
     match (endpoint, req.method()) {
         (Endpoint::List(kind), _) => {
-            let namespace = query_param(req.uri().query(), "namespace");
-            let items: Vec<_> = serving
-                .list(kind)
-                .into_iter()
-                .filter(|item| namespace.is_none_or(|ns| namespace_of(item) == ns))
-                .collect();
-            json(StatusCode::OK, &serde_json::json!({ "items": items }))
+            let query = req.uri().query();
+            let objects = serving
+                .view()
+                .objects(kind, query_param(query, "namespace"));
+            if query_param(query, "as") == Some("table") {
+                return json(StatusCode::OK, &table::table(kind, &objects));
+            }
+            let items: Vec<serde_json::Value> =
+                objects.iter().map(ServingObject::manifest).collect();
+            json(StatusCode::OK, &Items { items: &items })
         }
         (Endpoint::Object(kind, ns, name), &Method::DELETE) => {
             match serving.delete(&ServingKey::new(kind, ns, name)) {
@@ -229,12 +239,13 @@ fn handle(state: &ApiState, req: &Request<Bytes>) -> Response<Full<Bytes>> {
             }
         }
         (Endpoint::Object(kind, ns, name), _) => {
-            match serving.get(&ServingKey::new(kind, ns, name)) {
-                Some(item) => json(StatusCode::OK, &item),
-                None => text(
-                    StatusCode::NOT_FOUND,
-                    format!("{} not found", ServingKey::new(kind, ns, name)),
-                ),
+            let key = ServingKey::new(kind, ns, name);
+            match serving.view().get(&key) {
+                Some(object) if query_param(req.uri().query(), "as") == Some("table") => {
+                    json(StatusCode::OK, &table::table(kind, [&object]))
+                }
+                Some(object) => json(StatusCode::OK, &object.manifest()),
+                None => text(StatusCode::NOT_FOUND, format!("{key} not found")),
             }
         }
         (Endpoint::Pods(ns, name), _) => match serving.pods(ns, name) {
@@ -349,10 +360,6 @@ fn check_local_client(req: &Request<Bytes>) -> Result<(), String> {
             "Host {host:?}: changes are only taken with an IP address or localhost as Host"
         ))
     }
-}
-
-fn namespace_of(item: &serde_json::Value) -> &str {
-    item["metadata"]["namespace"].as_str().unwrap_or_default()
 }
 
 /// The first value of `name` in a query string (values here are Kubernetes names, which need

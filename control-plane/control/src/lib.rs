@@ -9,6 +9,7 @@
 //! | [`serving_controller`] | the event loop around the serving core: source, runtime, gateways, plans carried out |
 //! | [`prober`] | Knative's hash probes of every gateway |
 //! | [`status`] | KIngress status from ACKs and probes |
+//! | [`table`] | kubectl's columns, computed beside the objects (`?as=table`) |
 //! | [`api`] | the loopback status API `knarr get/apply/delete/describe/logs` talks to |
 //! | [`admin`] | `/healthz`, `/readyz`, `/metrics`, `/clients` |
 //! | [`activator_stats`] | the activators' `ReportStats` gRPC service, served on the xDS port |
@@ -34,5 +35,6 @@ pub mod routes_file;
 pub mod serving_controller;
 pub mod status;
 pub mod store;
+pub mod table;
 
 pub use app::{ControlPlane, ServeConfig};

@@ -5,6 +5,7 @@ use std::io::Write as _;
 
 use anyhow::bail;
 use clap::ValueEnum;
+use knarr_control::table::Table;
 use knarr_model::serving::ServingKind;
 use serde_json::Value;
 
@@ -93,21 +94,32 @@ pub(crate) fn run(args: &GetArgs) -> anyhow::Result<()> {
 fn get_serving(args: &GetArgs, kind: ServingKind) -> anyhow::Result<String> {
     let client = args.api.client("`knarr up`")?;
     let namespace = args.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+    let mut path = match &args.name {
+        Some(name) => serving_path(kind, Some((namespace, name))),
+        None if args.all_namespaces => serving_path(kind, None),
+        None => format!("{}?namespace={namespace}", serving_path(kind, None)),
+    };
+    if args.output == Output::Table {
+        // The rows are computed beside the objects: a few strings each, not whole manifests.
+        path.push(if path.contains('?') { '&' } else { '?' });
+        path.push_str("as=table");
+        let table: Table = serde_json::from_value(client.get_json(&path)?)?;
+        if table.rows.is_empty() {
+            if args.all_namespaces {
+                eprintln!("No resources found");
+            } else {
+                eprintln!("No resources found in {namespace} namespace.");
+            }
+            return Ok(String::new());
+        }
+        return Ok(render(&table, args.all_namespaces));
+    }
     let items = match &args.name {
-        Some(name) => {
-            let path = serving_path(kind, Some((namespace, name)));
-            vec![client.get_json(&path)?]
-        }
-        None => {
-            let mut path = serving_path(kind, None);
-            if !args.all_namespaces {
-                path.push_str(&format!("?namespace={namespace}"));
-            }
-            match client.get_json(&path)?["items"].as_array() {
-                Some(items) => items.clone(),
-                None => bail!("{path}: the answer has no items"),
-            }
-        }
+        Some(_) => vec![client.get_json(&path)?],
+        None => match client.get_json(&path)?["items"].as_array() {
+            Some(items) => items.clone(),
+            None => bail!("{path}: the answer has no items"),
+        },
     };
     // One object prints as itself, several as kubectl's `List`, which `knarr apply` reads back.
     let document = match (&args.name, &items[..]) {
@@ -116,16 +128,7 @@ fn get_serving(args: &GetArgs, kind: ServingKind) -> anyhow::Result<String> {
     };
     Ok(match args.output {
         Output::Json => serde_json::to_string_pretty(&document)? + "\n",
-        Output::Yaml => serde_yaml::to_string(&document)?,
-        Output::Table if items.is_empty() => {
-            if args.all_namespaces {
-                eprintln!("No resources found");
-            } else {
-                eprintln!("No resources found in {namespace} namespace.");
-            }
-            String::new()
-        }
-        Output::Table => serving_table(kind, &items, args.all_namespaces),
+        Output::Yaml | Output::Table => serde_yaml::to_string(&document)?,
     })
 }
 
@@ -143,84 +146,20 @@ fn ready_and_reason(object: &Value) -> (String, String) {
     )
 }
 
-fn number(value: &Value) -> String {
-    value.as_i64().map(|n| n.to_string()).unwrap_or_default()
-}
-
-/// kubectl's columns for Knative's kinds (NAMESPACE first with `-A`).
-fn serving_table(kind: ServingKind, items: &[Value], all_namespaces: bool) -> String {
-    let header: &[&str] = match kind {
-        ServingKind::Service => &[
-            "NAME",
-            "URL",
-            "LATESTCREATED",
-            "LATESTREADY",
-            "READY",
-            "REASON",
-        ],
-        ServingKind::Configuration => &["NAME", "LATESTCREATED", "LATESTREADY", "READY", "REASON"],
-        ServingKind::Revision => &[
-            "NAME",
-            "CONFIG",
-            "GENERATION",
-            "READY",
-            "REASON",
-            "ACTUAL",
-            "DESIRED",
-            "MODE",
-            "PANIC",
-        ],
-        ServingKind::Route => &["NAME", "URL", "READY", "REASON"],
-    };
-    let mut rows = vec![header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()];
-    for item in items {
-        let meta = &item["metadata"];
-        let status = &item["status"];
-        let name = str_of(&meta["name"]).to_owned();
-        let (ready, reason) = ready_and_reason(item);
-        let row = match kind {
-            ServingKind::Service => vec![
-                name,
-                str_of(&status["url"]).into(),
-                str_of(&status["latestCreatedRevisionName"]).into(),
-                str_of(&status["latestReadyRevisionName"]).into(),
-                ready,
-                reason,
-            ],
-            ServingKind::Configuration => vec![
-                name,
-                str_of(&status["latestCreatedRevisionName"]).into(),
-                str_of(&status["latestReadyRevisionName"]).into(),
-                ready,
-                reason,
-            ],
-            ServingKind::Revision => {
-                let labels = &meta["labels"];
-                vec![
-                    name,
-                    str_of(&labels[knarr_model::serving::CONFIGURATION_LABEL]).into(),
-                    str_of(&labels[knarr_model::serving::CONFIGURATION_GENERATION_LABEL]).into(),
-                    ready,
-                    reason,
-                    number(&status["actualReplicas"]),
-                    number(&status["desiredReplicas"]),
-                    str_of(&status["servingMode"]).into(),
-                    match status["inPanic"].as_bool() {
-                        Some(true) => "yes".into(),
-                        Some(false) => "no".into(),
-                        None => String::new(),
-                    },
-                ]
-            }
-            ServingKind::Route => vec![name, str_of(&status["url"]).into(), ready, reason],
-        };
-        rows.push(row);
-    }
+/// A table the API computed, with NAMESPACE first for `-A`.
+fn render(table: &Table, all_namespaces: bool) -> String {
+    let mut rows = Vec::with_capacity(table.rows.len() + 1);
+    let mut header = table.columns.clone();
     if all_namespaces {
-        rows[0].insert(0, "NAMESPACE".into());
-        for (row, item) in rows[1..].iter_mut().zip(items) {
-            row.insert(0, str_of(&item["metadata"]["namespace"]).into());
+        header.insert(0, "NAMESPACE".into());
+    }
+    rows.push(header);
+    for row in &table.rows {
+        let mut cells = row.cells.clone();
+        if all_namespaces {
+            cells.insert(0, row.namespace.clone());
         }
+        rows.push(cells);
     }
     render_table(&rows)
 }
@@ -335,16 +274,34 @@ mod tests {
         })
     }
 
+    /// The table the API would compute for `manifest`, rendered.
+    fn serving_table(kind: ServingKind, manifest: Value, all_namespaces: bool) -> String {
+        use knarr_model::serving::{Revision, Service, ServingObject};
+        let object = match kind {
+            ServingKind::Service => {
+                ServingObject::Service(serde_json::from_value::<Service>(manifest).unwrap())
+            }
+            ServingKind::Revision => {
+                ServingObject::Revision(serde_json::from_value::<Revision>(manifest).unwrap())
+            }
+            _ => unreachable!(),
+        };
+        render(
+            &knarr_control::table::table(kind, [&object]),
+            all_namespaces,
+        )
+    }
+
     #[test]
     fn service_table() {
         assert_eq!(
-            serving_table(ServingKind::Service, &[service()], false),
+            serving_table(ServingKind::Service, service(), false),
             "\
 NAME    URL                                LATESTCREATED   LATESTREADY   READY   REASON
 hello   http://hello.default.example.com   hello-00002     hello-00001   False   RevisionFailed
 "
         );
-        let all = serving_table(ServingKind::Service, &[service()], true);
+        let all = serving_table(ServingKind::Service, service(), true);
         assert!(all.starts_with("NAMESPACE   NAME "), "{all}");
         assert!(all.contains("\ndefault     hello "), "{all}");
     }
@@ -369,7 +326,7 @@ hello   http://hello.default.example.com   hello-00002     hello-00001   False  
             },
         });
         assert_eq!(
-            serving_table(ServingKind::Revision, &[revision], false),
+            serving_table(ServingKind::Revision, revision, false),
             "\
 NAME          CONFIG   GENERATION   READY     REASON      ACTUAL   DESIRED   MODE    PANIC
 hello-00001   hello    1            Unknown   Deploying   1        2         Proxy   yes

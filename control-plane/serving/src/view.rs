@@ -101,6 +101,36 @@ impl View {
         }
     }
 
+    /// The objects of `kind` with their statuses, of one namespace or all, sorted.
+    pub fn objects(&self, kind: ServingKind, namespace: Option<&str>) -> Vec<ServingObject> {
+        fn of<'a, T: Clone + 'a>(
+            map: &'a OrdMap<ServingKey, Arc<T>>,
+            kind: ServingKind,
+            namespace: Option<&'a str>,
+            wrap: fn(T) -> ServingObject,
+        ) -> Vec<ServingObject> {
+            match namespace {
+                None => map.values().map(|o| wrap((**o).clone())).collect(),
+                Some(ns) => map
+                    .range(ServingKey::new(kind, ns, "")..)
+                    .take_while(|(k, _)| k.namespace == ns)
+                    .map(|(_, o)| wrap((**o).clone()))
+                    .collect(),
+            }
+        }
+        match kind {
+            ServingKind::Service => of(&self.services, kind, namespace, ServingObject::Service),
+            ServingKind::Configuration => of(
+                &self.configurations,
+                kind,
+                namespace,
+                ServingObject::Configuration,
+            ),
+            ServingKind::Revision => of(&self.revisions, kind, namespace, ServingObject::Revision),
+            ServingKind::Route => of(&self.routes, kind, namespace, ServingObject::Route),
+        }
+    }
+
     /// One object with its status.
     pub fn get(&self, key: &ServingKey) -> Option<ServingObject> {
         match key.kind {
