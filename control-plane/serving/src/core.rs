@@ -162,16 +162,16 @@ struct Children {
 }
 
 struct ConfigState {
-    /// With its status.
-    config: Configuration,
+    /// With its status (shared with the view).
+    config: Arc<Configuration>,
     /// The Revisions it stamped, by name.
     revisions: BTreeSet<String>,
     latest: Option<String>,
 }
 
 struct RouteState {
-    /// With its status.
-    route: Route,
+    /// With its status (shared with the view).
+    route: Arc<Route>,
     /// The KIngress last made from it; kept while its traffic cannot be resolved.
     ingress: Option<Arc<Object>>,
     /// Bumped whenever `ingress` changes.
@@ -185,8 +185,8 @@ struct RouteState {
 }
 
 struct RevisionState {
-    /// With its status.
-    revision: Revision,
+    /// With its status (shared with the view).
+    revision: Arc<Revision>,
     pods: Arc<Vec<PodStatus>>,
     /// Knative's `ScaleTargetInitialized`: its initial scale was reached once (a pod was
     /// ready, or it starts at zero). Revisions stay `Ready` from then on.
@@ -630,7 +630,7 @@ impl ServingCore {
             .iter()
             .filter_map(|name| {
                 let rev = ServingKey::new(ServingKind::Revision, &key.namespace, name);
-                self.revisions.get(&rev).map(|r| r.revision.clone())
+                self.revisions.get(&rev).map(|r| (*r.revision).clone())
             })
             .collect()
     }
@@ -695,19 +695,21 @@ impl ServingCore {
                 ));
             }
         }
-        let changed = old.is_none_or(|c| c.config != config);
-        if changed {
-            self.dirty_referrers(key);
-            self.dirty.services.insert(ServingKey::new(
-                ServingKind::Service,
-                &key.namespace,
-                &key.name,
-            ));
-            self.view
-                .configurations
-                .insert(key.clone(), Arc::new(config.clone()));
-            plan.statuses.push(key.clone());
-        }
+        let config = match old {
+            Some(c) if *c.config == config => c.config.clone(),
+            _ => {
+                self.dirty_referrers(key);
+                self.dirty.services.insert(ServingKey::new(
+                    ServingKind::Service,
+                    &key.namespace,
+                    &key.name,
+                ));
+                let config = Arc::new(config);
+                self.view.configurations.insert(key.clone(), config.clone());
+                plan.statuses.push(key.clone());
+                config
+            }
+        };
         self.configs.insert(
             key.clone(),
             ConfigState {
@@ -739,7 +741,7 @@ impl ServingCore {
             }
             let rev = ServingKey::new(ServingKind::Revision, namespace, name);
             if let Some(state) = self.revisions.get(&rev) {
-                all.push(state.revision.clone());
+                all.push((*state.revision).clone());
             }
         }
         all
@@ -754,7 +756,7 @@ impl ServingCore {
         self.revisions.insert(
             key.clone(),
             RevisionState {
-                revision,
+                revision: Arc::new(revision),
                 pods: Arc::default(),
                 initialized: false,
                 scaled: None,
@@ -860,7 +862,7 @@ impl ServingCore {
             if !target.revision_name.is_empty() {
                 let rev = ServingKey::new(ServingKind::Revision, &namespace, &target.revision_name);
                 if let Some(state) = self.revisions.get(&rev) {
-                    revisions.push(state.revision.clone());
+                    revisions.push((*state.revision).clone());
                 }
                 refs.insert(rev);
             } else {
@@ -874,7 +876,7 @@ impl ServingCore {
                         .iter()
                         .any(|c: &Configuration| c.metadata.name == state.config.metadata.name)
                     {
-                        configs.push(state.config.clone());
+                        configs.push((*state.config).clone());
                         revisions.extend(self.owned_revisions(&config, &state.revisions));
                     }
                 }
@@ -921,18 +923,20 @@ impl ServingCore {
             ingress_ready,
             &self.config.domain,
         ));
-        let changed = old.as_ref().is_none_or(|s| s.route != route);
-        if changed {
-            self.dirty.services.insert(ServingKey::new(
-                ServingKind::Service,
-                &key.namespace,
-                &key.name,
-            ));
-            self.view
-                .routes
-                .insert(key.clone(), Arc::new(route.clone()));
-            plan.statuses.push(key.clone());
-        }
+        let route = match &old {
+            Some(s) if *s.route == route => s.route.clone(),
+            _ => {
+                self.dirty.services.insert(ServingKey::new(
+                    ServingKind::Service,
+                    &key.namespace,
+                    &key.name,
+                ));
+                let route = Arc::new(route);
+                self.view.routes.insert(key.clone(), route.clone());
+                plan.statuses.push(key.clone());
+                route
+            }
+        };
         self.routes.insert(
             key.clone(),
             RouteState {
@@ -1095,7 +1099,11 @@ impl ServingCore {
         status.serving_mode = Some(format!("{mode:?}"));
         let was_ready = state.ready();
         let status_changed = state.revision.status.as_ref() != Some(&status);
-        state.revision.status = Some(status);
+        if status_changed {
+            let mut revision = (*state.revision).clone();
+            revision.status = Some(status);
+            state.revision = Arc::new(revision);
+        }
         let now_ready = state.ready();
         let pods_changed = self.view.pods.get(key) != Some(&state.pods);
         if pods_changed {
@@ -1106,7 +1114,7 @@ impl ServingCore {
         if status_changed {
             self.view
                 .revisions
-                .insert(key.clone(), Arc::new(state.revision.clone()));
+                .insert(key.clone(), state.revision.clone());
             plan.statuses.push(key.clone());
         }
         if status_changed || was_ready != now_ready {
