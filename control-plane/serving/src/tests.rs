@@ -122,6 +122,19 @@ impl World {
         self.now += by;
     }
 
+    /// `seconds` of scrapes that say `revision` has no load, a pass after each.
+    fn idle(&mut self, revision: &str, seconds: u32) {
+        for _ in 0..seconds {
+            self.core.record(
+                &rev(revision),
+                self.now,
+                Sample::from_queue_proxy(0.0, 0.0, 0.0, 0.0),
+            );
+            self.advance(Duration::from_secs(1));
+            self.settle();
+        }
+    }
+
     fn set_pod(&mut self, revision: &str, phase: Phase, port: u16) {
         let pod = PodStatus {
             name: format!("{revision}-pod-1"),
@@ -475,15 +488,7 @@ fn an_idle_revision_goes_to_zero_only_once_the_gateways_hold_the_activator_endpo
     w.set_pod("hello-00001", Phase::Ready, 40001);
     w.settle();
     // Idle: every scrape says no load.
-    for _ in 0..20 {
-        w.core.record(
-            &rev("hello-00001"),
-            w.now,
-            Sample::from_queue_proxy(0.0, 0.0, 0.0, 0.0),
-        );
-        w.advance(Duration::from_secs(1));
-        w.settle();
-    }
+    w.idle("hello-00001", 20);
     assert_eq!(
         w.replicas("hello-00001"),
         Some(1),
@@ -492,15 +497,7 @@ fn an_idle_revision_goes_to_zero_only_once_the_gateways_hold_the_activator_endpo
     // The gateways catch up; the pod goes after the grace period.
     w.gateway_ready = true;
     w.core.gateway_moved();
-    for _ in 0..20 {
-        w.core.record(
-            &rev("hello-00001"),
-            w.now,
-            Sample::from_queue_proxy(0.0, 0.0, 0.0, 0.0),
-        );
-        w.advance(Duration::from_secs(1));
-        w.settle();
-    }
+    w.idle("hello-00001", 20);
     assert_eq!(w.replicas("hello-00001"), Some(0));
     let status = w.status(ServingKind::Revision, "hello-00001");
     assert_eq!(condition(&status, "Ready"), "True/", "stays ready at zero");
