@@ -18,8 +18,9 @@
 //! Usage: `idle-bench [--steps 0,1000,5000] [--idle-seconds 10] [--batch 500]` (build first:
 //! `cargo build --release -p knarr -p knarr-queue-proxy -p knarr-activator -p knarr-tests`).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
@@ -125,6 +126,8 @@ fn p50_max(mut samples: Vec<Duration>) -> (f64, f64) {
 struct Steady {
     sent: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    /// What the failures were (status and body, or the error), with counts.
+    why: Arc<Mutex<BTreeMap<String, u64>>>,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -134,17 +137,23 @@ impl Steady {
         let sent = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let why = Arc::new(Mutex::new(BTreeMap::new()));
         let tasks = (0..clients)
             .map(|_| {
-                let (sent, failed, stop) = (sent.clone(), failed.clone(), stop.clone());
+                let (sent, failed, stop, why) =
+                    (sent.clone(), failed.clone(), stop.clone(), why.clone());
                 let (gateway, host) = (up.gateway, host.to_owned());
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
-                        let ok =
-                            matches!(http_get(gateway, &host, "/").await, Ok(r) if r.status == 200);
+                        let failure = match http_get(gateway, &host, "/").await {
+                            Ok(r) if r.status == 200 => None,
+                            Ok(r) => Some(format!("{} {}", r.status, r.body.trim())),
+                            Err(e) => Some(format!("{e:#}")),
+                        };
                         sent.fetch_add(1, Ordering::Relaxed);
-                        if !ok {
+                        if let Some(failure) = failure {
                             failed.fetch_add(1, Ordering::Relaxed);
+                            *why.lock().unwrap().entry(failure).or_default() += 1;
                         }
                         // A steady ~100 requests per second per client, not a flood.
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -155,9 +164,19 @@ impl Steady {
         Steady {
             sent,
             failed,
+            why,
             stop,
             tasks,
         }
+    }
+
+    /// The failures since the last call, most frequent first.
+    fn take_failures(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<_> = std::mem::take(&mut *self.why.lock().unwrap())
+            .into_iter()
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1));
+        all
     }
 
     fn counts(&self) -> (u64, u64) {
@@ -305,6 +324,22 @@ async fn main() -> anyhow::Result<()> {
             delete,
             format!("{}/{}", failed - failed_before, sent - sent_before),
         );
+        let failures = load.take_failures();
+        for (why, n) in &failures {
+            println!("        lost {n}: {why}");
+        }
+        if !failures.is_empty() {
+            // What knarr up said of the steady Service's pod meanwhile.
+            for line in up
+                .log()
+                .lines()
+                .filter(|l| l.contains("steady"))
+                .rev()
+                .take(10)
+            {
+                println!("        log: {line}");
+            }
+        }
     }
 
     // Delete every idle Service at once.
