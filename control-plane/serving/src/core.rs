@@ -212,6 +212,9 @@ struct Scaler {
     poked: bool,
     /// Since when every gateway holds the endpoints that point at the activators.
     proxy_since: Option<Instant>,
+    /// At zero with nothing to measure: no tick is scheduled until something arrives (a
+    /// sample, a poke, any change to the revision). Thousands of idle revisions cost nothing.
+    resting: bool,
 }
 
 impl ServingCore {
@@ -334,6 +337,20 @@ impl ServingCore {
         if let Some(scaler) = self.scaler_mut(revision) {
             scaler.autoscaler.record(now, sample);
         }
+        self.wake_scaler(revision, now);
+    }
+
+    /// A resting autoscaler ticks again from its next tick on.
+    fn wake_scaler(&mut self, revision: &ServingKey, now: Instant) {
+        let interval = self.tick_interval();
+        let Some(scaler) = self.scaler_mut(revision) else {
+            return;
+        };
+        if !mem::take(&mut scaler.resting) {
+            return;
+        }
+        let next = scaler.last.map_or(now, |(at, _)| (at + interval).max(now));
+        self.ticks.insert((next, revision.clone()));
     }
 
     /// An activator holds a request for `revision` and it has no ready pod: tick now.
@@ -521,7 +538,8 @@ impl ServingCore {
             return false;
         };
         let before = scaler.last.map(|(_, t)| decision(&t));
-        let (tick, ticked_at) = scaler.tick(now, interval, ready_pods, wanted);
+        let no_pods = state.pods.is_empty();
+        let (tick, ticked_at) = scaler.tick(now, interval, ready_pods, wanted, no_pods);
         if let Some(next) = ticked_at {
             self.ticks.insert((next, key.clone()));
         }
@@ -999,6 +1017,8 @@ impl ServingCore {
         let activators = self.activators.clone();
         let tick_interval = self.tick_interval();
         let autoscaling = self.config.autoscaling.is_some();
+        // Whatever brought the revision here may change what its autoscaler decides.
+        self.wake_scaler(key, now);
         let Some(state) = self.revisions.get_mut(key) else {
             return;
         };
@@ -1007,6 +1027,7 @@ impl ServingCore {
             .iter()
             .filter(|p| p.phase == Phase::Ready)
             .count();
+        let no_pods = state.pods.is_empty();
         let (replicas, mode, in_panic) = match state.scaler.as_mut() {
             None => (
                 if wanted {
@@ -1018,7 +1039,8 @@ impl ServingCore {
                 None,
             ),
             Some(scaler) => {
-                let (tick, ticked_at) = scaler.tick(now, tick_interval, ready_pods, wanted);
+                let (tick, ticked_at) =
+                    scaler.tick(now, tick_interval, ready_pods, wanted, no_pods);
                 if let Some(next) = ticked_at {
                     self.ticks.insert((next, key.clone()));
                 }
@@ -1157,17 +1179,20 @@ impl Scaler {
             last: None,
             poked: false,
             proxy_since: None,
+            resting: false,
         }
     }
 
     /// The autoscaler's decision: a new one every tick interval (or at once after a poke, or
-    /// the first time), otherwise the last one. Returns when the next tick is due, if it ticked.
+    /// the first time), otherwise the last one. Returns when the next tick is due, if it ticked
+    /// and is not at rest.
     fn tick(
         &mut self,
         now: Instant,
         interval: std::time::Duration,
         ready_pods: usize,
         reachable: bool,
+        no_pods: bool,
     ) -> (Tick, Option<Instant>) {
         let first = match &self.last {
             Some((at, tick)) if !self.poked && now.duration_since(*at) < interval => {
@@ -1185,6 +1210,11 @@ impl Scaler {
             },
         );
         self.last = Some((now, tick));
+        // Inactive at zero with no load measured: nothing changes until something arrives.
+        if no_pods && tick.desired_pods == 0 && tick.inactive && tick.observed.is_none() {
+            self.resting = true;
+            return (tick, None);
+        }
         // The autoscaler's metric buckets are seconds from its first tick: later ticks land
         // late in a second, once that second's scrapes are in (a tick at the very start of a
         // second would see an empty panic window).

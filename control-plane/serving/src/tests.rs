@@ -404,11 +404,19 @@ fn work_is_proportional_to_the_change_and_an_idle_world_does_none() {
         let ksvc = w.status(ServingKind::Service, &format!("s{i}"));
         assert_eq!(condition(&ksvc, "Ready"), "True/", "s{i}: {ksvc}");
     }
-    // Nothing changes: ticks come and go, no plan has anything in it.
+    // Nothing changes: no plan has anything in it, and the autoscalers of revisions at rest
+    // at zero do not even tick.
     for _ in 0..5 {
         w.advance(Duration::from_secs(2));
         assert_eq!(w.settle(), 0);
     }
+    assert_eq!(w.core.next_tick(), None);
+    // Load for one wakes its autoscaler (and only its).
+    w.core
+        .record(&rev("s3-00001"), w.now, Sample::from_activator(1.0, 1.0));
+    assert_eq!(w.core.next_tick(), Some(w.now));
+    w.settle();
+    assert_eq!(w.replicas("s3-00001"), Some(1), "scaled up on load");
     // One Service changes: only its objects move.
     w.apply(&service("s7", "b", &zero));
     let touched = w.settle();
