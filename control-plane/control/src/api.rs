@@ -218,12 +218,12 @@ fn handle(state: &ApiState, req: &Request<Bytes>) -> Response<Full<Bytes>> {
     match (endpoint, req.method()) {
         (Endpoint::List(kind), _) => {
             let query = req.uri().query();
-            let objects = serving
-                .view()
-                .objects(kind, query_param(query, "namespace"));
+            let namespace = query_param(query, "namespace");
+            let view = serving.view();
             if query_param(query, "as") == Some("table") {
-                return json(StatusCode::OK, &table::table(kind, &objects));
+                return json(StatusCode::OK, &table::view_table(&view, kind, namespace));
             }
+            let objects = view.objects(kind, namespace);
             let items: Vec<serde_json::Value> =
                 objects.iter().map(ServingObject::manifest).collect();
             json(StatusCode::OK, &Items { items: &items })

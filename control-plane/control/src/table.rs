@@ -3,10 +3,13 @@
 //! strings per object instead of whole manifests. The status API answers them for `?as=table`;
 //! the CLI renders them.
 
+use std::sync::Arc;
+
 use knarr_model::serving::{
-    Condition, ConditionStatus, ServingKind, ServingObject, CONDITION_READY,
-    CONFIGURATION_GENERATION_LABEL, CONFIGURATION_LABEL,
+    Condition, ConditionStatus, Configuration, Revision, Route, Service, ServingKey, ServingKind,
+    ServingObject, CONDITION_READY, CONFIGURATION_GENERATION_LABEL, CONFIGURATION_LABEL,
 };
+use knarr_model::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
 /// The answer to `GET /api/v1/{kind}?as=table`.
@@ -51,6 +54,37 @@ pub fn columns(kind: ServingKind) -> &'static [&'static str] {
     }
 }
 
+/// The table of `kind`'s objects in `view` (of one namespace, or all), read in place.
+pub fn view_table(view: &knarr_serving::View, kind: ServingKind, namespace: Option<&str>) -> Table {
+    fn rows<T>(
+        map: &imbl::OrdMap<ServingKey, Arc<T>>,
+        kind: ServingKind,
+        namespace: Option<&str>,
+        row: fn(&T) -> Row,
+    ) -> Vec<Row> {
+        match namespace {
+            None => map.values().map(|o| row(o)).collect(),
+            Some(ns) => map
+                .range(ServingKey::new(kind, ns, "")..)
+                .take_while(|(k, _)| k.namespace == ns)
+                .map(|(_, o)| row(o))
+                .collect(),
+        }
+    }
+    let rows = match kind {
+        ServingKind::Service => rows(&view.services, kind, namespace, service_row),
+        ServingKind::Configuration => {
+            rows(&view.configurations, kind, namespace, configuration_row)
+        }
+        ServingKind::Revision => rows(&view.revisions, kind, namespace, revision_row),
+        ServingKind::Route => rows(&view.routes, kind, namespace, route_row),
+    };
+    Table {
+        columns: columns(kind).iter().map(|c| (*c).to_owned()).collect(),
+        rows,
+    }
+}
+
 /// The table of `objects` (all of one kind).
 pub fn table<'a>(kind: ServingKind, objects: impl IntoIterator<Item = &'a ServingObject>) -> Table {
     Table {
@@ -80,62 +114,107 @@ fn number(n: Option<i64>) -> String {
 
 /// One object's cells, in [`columns`] order.
 pub fn row(object: &ServingObject) -> Row {
-    let meta = object.meta();
-    let name = meta.name.clone();
-    let cells = match object {
-        ServingObject::Service(s) => {
-            let status = s.status.clone().unwrap_or_default();
-            let [ready, reason] = ready_and_reason(&status.conditions);
-            vec![
-                name,
-                status.url,
-                status.latest_created_revision_name,
-                status.latest_ready_revision_name,
-                ready,
-                reason,
-            ]
-        }
-        ServingObject::Configuration(c) => {
-            let status = c.status.clone().unwrap_or_default();
-            let [ready, reason] = ready_and_reason(&status.conditions);
-            vec![
-                name,
-                status.latest_created_revision_name,
-                status.latest_ready_revision_name,
-                ready,
-                reason,
-            ]
-        }
-        ServingObject::Revision(r) => {
-            let status = r.status.clone().unwrap_or_default();
-            let [ready, reason] = ready_and_reason(&status.conditions);
-            let label = |key: &str| meta.labels.get(key).cloned().unwrap_or_default();
-            vec![
-                name,
-                label(CONFIGURATION_LABEL),
-                label(CONFIGURATION_GENERATION_LABEL),
-                ready,
-                reason,
-                number(status.actual_replicas),
-                number(status.desired_replicas),
-                status.serving_mode.unwrap_or_default(),
-                match status.in_panic {
-                    Some(true) => "yes".into(),
-                    Some(false) => "no".into(),
-                    None => String::new(),
-                },
-            ]
-        }
-        ServingObject::Route(r) => {
-            let status = r.status.clone().unwrap_or_default();
-            let [ready, reason] = ready_and_reason(&status.conditions);
-            vec![name, status.url, ready, reason]
-        }
-    };
+    match object {
+        ServingObject::Service(s) => service_row(s),
+        ServingObject::Configuration(c) => configuration_row(c),
+        ServingObject::Revision(r) => revision_row(r),
+        ServingObject::Route(r) => route_row(r),
+    }
+}
+
+fn row_of(meta: &ObjectMeta, cells: Vec<String>) -> Row {
     Row {
         namespace: meta.namespace.clone(),
         cells,
     }
+}
+
+pub fn service_row(s: &Service) -> Row {
+    let Some(status) = &s.status else {
+        return row_of(&s.metadata, empty_row(&s.metadata, ServingKind::Service));
+    };
+    let [ready, reason] = ready_and_reason(&status.conditions);
+    let cells = vec![
+        s.metadata.name.clone(),
+        status.url.clone(),
+        status.latest_created_revision_name.clone(),
+        status.latest_ready_revision_name.clone(),
+        ready,
+        reason,
+    ];
+    row_of(&s.metadata, cells)
+}
+
+pub fn configuration_row(c: &Configuration) -> Row {
+    let Some(status) = &c.status else {
+        return row_of(
+            &c.metadata,
+            empty_row(&c.metadata, ServingKind::Configuration),
+        );
+    };
+    let [ready, reason] = ready_and_reason(&status.conditions);
+    let cells = vec![
+        c.metadata.name.clone(),
+        status.latest_created_revision_name.clone(),
+        status.latest_ready_revision_name.clone(),
+        ready,
+        reason,
+    ];
+    row_of(&c.metadata, cells)
+}
+
+pub fn revision_row(r: &Revision) -> Row {
+    let meta = &r.metadata;
+    let label = |key: &str| meta.labels.get(key).cloned().unwrap_or_default();
+    let (conditions, actual, desired, mode, panic) = match &r.status {
+        Some(s) => (
+            s.conditions.as_slice(),
+            s.actual_replicas,
+            s.desired_replicas,
+            s.serving_mode.clone().unwrap_or_default(),
+            s.in_panic,
+        ),
+        None => (&[][..], None, None, String::new(), None),
+    };
+    let [ready, reason] = ready_and_reason(conditions);
+    let cells = vec![
+        meta.name.clone(),
+        label(CONFIGURATION_LABEL),
+        label(CONFIGURATION_GENERATION_LABEL),
+        ready,
+        reason,
+        number(actual),
+        number(desired),
+        mode,
+        match panic {
+            Some(true) => "yes".into(),
+            Some(false) => "no".into(),
+            None => String::new(),
+        },
+    ];
+    row_of(meta, cells)
+}
+
+pub fn route_row(r: &Route) -> Row {
+    let Some(status) = &r.status else {
+        return row_of(&r.metadata, empty_row(&r.metadata, ServingKind::Route));
+    };
+    let [ready, reason] = ready_and_reason(&status.conditions);
+    row_of(
+        &r.metadata,
+        vec![r.metadata.name.clone(), status.url.clone(), ready, reason],
+    )
+}
+
+/// The cells of an object with no status yet.
+fn empty_row(meta: &ObjectMeta, kind: ServingKind) -> Vec<String> {
+    let mut cells = vec![String::new(); columns(kind).len()];
+    cells[0] = meta.name.clone();
+    let ready = columns(kind).iter().position(|c| *c == "READY");
+    if let Some(i) = ready {
+        cells[i] = "Unknown".into();
+    }
+    cells
 }
 
 #[cfg(test)]
