@@ -92,7 +92,12 @@ async fn an_idle_revision_goes_to_zero_behind_the_activator_and_the_next_request
     })
     .await
     .unwrap();
-    assert!(up.pod_pids("sleepy").await.unwrap().is_empty());
+    // The pods API lists the pod until the runtime has seen it gone (just after its processes).
+    poll_until("the pods API to list no pod", WAIT, || async {
+        up.pod_pids("sleepy").await.is_ok_and(|p| p.is_empty())
+    })
+    .await
+    .unwrap();
 
     // 100 first requests at once: all held by the activator, all served by the new pod.
     let host = host("sleepy");
