@@ -208,20 +208,6 @@ impl ServingController {
         self.local.view.load_full()
     }
 
-    /// Every object of `kind` as a manifest with its status, sorted by namespace and name.
-    pub fn list(&self, kind: ServingKind) -> Vec<serde_json::Value> {
-        self.view()
-            .list(kind)
-            .iter()
-            .map(knarr_model::serving::ServingObject::manifest)
-            .collect()
-    }
-
-    /// One object as a manifest with its status.
-    pub fn get(&self, key: &ServingKey) -> Option<serde_json::Value> {
-        self.view().get(key).map(|o| o.manifest())
-    }
-
     /// The pods of a Service (all its revisions), Configuration or Revision named `name`
     /// (tried in that order); `None` when there is no such object.
     pub fn pods(&self, namespace: &str, name: &str) -> Option<Vec<PodInfo>> {

@@ -52,10 +52,6 @@ impl Store {
         }
     }
 
-    pub fn get(&self, key: &ServingKey) -> Option<&ServingObject> {
-        self.applied.get(key)
-    }
-
     pub fn is_empty(&self) -> bool {
         self.applied.is_empty()
     }

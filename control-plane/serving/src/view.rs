@@ -75,32 +75,6 @@ pub struct ServiceSummary {
 }
 
 impl View {
-    /// Every object of `kind` with its status, sorted by namespace and name.
-    pub fn list(&self, kind: ServingKind) -> Vec<ServingObject> {
-        match kind {
-            ServingKind::Service => self
-                .services
-                .values()
-                .map(|s| ServingObject::Service((**s).clone()))
-                .collect(),
-            ServingKind::Configuration => self
-                .configurations
-                .values()
-                .map(|c| ServingObject::Configuration((**c).clone()))
-                .collect(),
-            ServingKind::Revision => self
-                .revisions
-                .values()
-                .map(|r| ServingObject::Revision((**r).clone()))
-                .collect(),
-            ServingKind::Route => self
-                .routes
-                .values()
-                .map(|r| ServingObject::Route((**r).clone()))
-                .collect(),
-        }
-    }
-
     /// The objects of `kind` with their statuses, of one namespace or all, sorted.
     pub fn objects(&self, kind: ServingKind, namespace: Option<&str>) -> Vec<ServingObject> {
         fn of<'a, T: Clone + 'a>(
