@@ -334,23 +334,7 @@ async fn upgrades_pass_through() {
     })
     .await;
 
-    let stream = tokio::net::TcpStream::connect(act.listen_addr)
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn.with_upgrades());
-    let resp = sender
-        .send_request(
-            request(act.listen_addr, "ws")
-                .header("connection", "upgrade")
-                .header("upgrade", "echo")
-                .body(http_body_util::Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = send_upgrade(act.listen_addr, "ws").await;
     assert_eq!(resp.status(), 101);
     let mut upgraded = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
     // The upgraded connection holds the pod's only slot (CC 1).
@@ -366,6 +350,28 @@ async fn upgrades_pass_through() {
         act.revisions.state("default", "ws").unwrap().proxied == 0
     })
     .await;
+}
+
+/// An `Upgrade: echo` request for `revision` on a connection of its own (upgrades allowed).
+async fn send_upgrade(
+    addr: std::net::SocketAddr,
+    revision: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    sender
+        .send_request(
+            request(addr, revision)
+                .header("connection", "upgrade")
+                .header("upgrade", "echo")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap()
 }
 
 /// A pod that refuses an upgrade answers an ordinary response: its body holds the pod's slot
@@ -387,23 +393,7 @@ async fn a_refused_upgrade_is_under_the_idle_timeout() {
     })
     .await;
 
-    let stream = tokio::net::TcpStream::connect(act.listen_addr)
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn.with_upgrades());
-    let resp = sender
-        .send_request(
-            request(act.listen_addr, "ws")
-                .header("connection", "upgrade")
-                .header("upgrade", "echo")
-                .body(http_body_util::Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = send_upgrade(act.listen_addr, "ws").await;
     assert_eq!(resp.status(), 400);
     // The pod sends the start of its body, then nothing, keeping the body open.
     let refusal = within("the refusal", pod.refused_upgrade()).await;
