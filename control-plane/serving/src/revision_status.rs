@@ -31,12 +31,13 @@ pub(crate) fn initial_scale(revision: &Revision) -> usize {
     replicas
 }
 
-/// A Revision's status from its pods: `Ready` once a pod has been ready (and while nothing says
-/// it cannot run), `False` when it cannot run or its pods crash before ever being ready.
+/// A Revision's status from its pods: `Ready` once `initialized` (its initial scale was reached:
+/// a pod was ready, or it starts at zero) and while nothing says it cannot run; `False` when it
+/// cannot run or its pods crash before it was ever initialized.
 pub(crate) fn revision_status(
     revision: &Revision,
     pods: &[PodStatus],
-    ever_ready: bool,
+    initialized: bool,
     desired: Option<usize>,
     cannot_run: Option<&str>,
 ) -> RevisionStatus {
@@ -61,41 +62,33 @@ pub(crate) fn revision_status(
                 "",
             ),
         )
-    } else if ever_ready {
+    } else if initialized {
         (
             Condition::new(CONDITION_RESOURCES_AVAILABLE, ConditionStatus::True, "", ""),
             Condition::new(CONDITION_CONTAINER_HEALTHY, ConditionStatus::True, "", ""),
         )
-    } else if let Some(why) = crashed {
-        (
-            Condition::new(
-                CONDITION_RESOURCES_AVAILABLE,
-                ConditionStatus::Unknown,
-                "Deploying",
-                "",
-            ),
-            Condition::new(
+    } else {
+        let deploying = Condition::new(
+            CONDITION_RESOURCES_AVAILABLE,
+            ConditionStatus::Unknown,
+            "Deploying",
+            "",
+        );
+        let health = match crashed {
+            Some(why) => Condition::new(
                 CONDITION_CONTAINER_HEALTHY,
                 ConditionStatus::False,
                 "ExitCode",
                 why,
             ),
-        )
-    } else {
-        (
-            Condition::new(
-                CONDITION_RESOURCES_AVAILABLE,
-                ConditionStatus::Unknown,
-                "Deploying",
-                "",
-            ),
-            Condition::new(
+            None => Condition::new(
                 CONDITION_CONTAINER_HEALTHY,
                 ConditionStatus::Unknown,
                 "Deploying",
                 "",
             ),
-        )
+        };
+        (deploying, health)
     };
     let active = match (ready_pods, desired.unwrap_or(0)) {
         (0, 0) => Condition::new(
