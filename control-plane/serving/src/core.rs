@@ -717,11 +717,7 @@ impl ServingCore {
             Some(c) if *c.config == config => c.config.clone(),
             _ => {
                 self.dirty_referrers(key);
-                self.dirty.services.insert(ServingKey::new(
-                    ServingKind::Service,
-                    &key.namespace,
-                    &key.name,
-                ));
+                self.dirty_owning_service(key);
                 let config = Arc::new(config);
                 self.view.configurations.insert(key.clone(), config.clone());
                 plan.statuses.push(key.clone());
@@ -819,6 +815,15 @@ impl ServingCore {
             .as_ref()
             .map(|c| c.tick_interval)
             .unwrap_or_default()
+    }
+
+    /// The Service that may own `key` (a Configuration or Route of the same name) must be redone.
+    fn dirty_owning_service(&mut self, key: &ServingKey) {
+        self.dirty.services.insert(ServingKey::new(
+            ServingKind::Service,
+            &key.namespace,
+            &key.name,
+        ));
     }
 
     /// Routes naming `key` (a Configuration or Revision) in their traffic must be redone.
@@ -944,11 +949,7 @@ impl ServingCore {
         let route = match &old {
             Some(s) if *s.route == route => s.route.clone(),
             _ => {
-                self.dirty.services.insert(ServingKey::new(
-                    ServingKind::Service,
-                    &key.namespace,
-                    &key.name,
-                ));
+                self.dirty_owning_service(key);
                 let route = Arc::new(route);
                 self.view.routes.insert(key.clone(), route.clone());
                 plan.statuses.push(key.clone());
