@@ -18,10 +18,10 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::file_source::FileSource;
-use crate::file_source::{Batch, Change};
 use crate::ingress_controller::IngressController;
 use crate::routes_file::Routes;
 use crate::serving_controller::ServingController;
+use crate::source::{Batch, Change};
 use crate::status::LoadBalancerNames;
 use knarr_autoscaler::AutoscalerConfig;
 use knarr_model::Kind;

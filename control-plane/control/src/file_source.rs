@@ -8,7 +8,6 @@
 //! deleted file, deletes objects.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,44 +31,7 @@ const MAX_WAIT: Duration = Duration::from_millis(100);
 /// moves the old file away before writing the new one) rather than deleted.
 const DELETE_GRACE: Duration = Duration::from_millis(50);
 
-/// One change to the set of objects the files define (the translator's own type).
-pub use knarr_translate::reconcile::Change;
-
-/// Something wrong with a file, or with one object in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileError {
-    /// The file (or, for a directory that cannot be listed, the directory).
-    pub file: PathBuf,
-    /// The object the error is about, when it could be told.
-    pub object: Option<ObjectKey>,
-    /// The full message, starting with the file (and line, where known).
-    pub message: String,
-}
-
-impl fmt::Display for FileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-/// What one read of some files produced.
-///
-/// For every file the batch names (in `errors` or `cleared`), the errors listed are all that file
-/// has now: a consumer keeping errors per file replaces that file's errors with these.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Batch {
-    /// At most one change per object, sorted by key.
-    pub changes: Vec<Change>,
-    pub errors: Vec<FileError>,
-    /// Files (and directories) that had errors before and have none now, or are gone.
-    pub cleared: Vec<PathBuf>,
-}
-
-impl Batch {
-    pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.errors.is_empty() && self.cleared.is_empty()
-    }
-}
+pub use crate::source::{Batch, Change, Origin, SourceError};
 
 /// The objects of a set of directories and files, and how they last read.
 #[derive(Debug)]
@@ -95,9 +57,9 @@ struct FileState {
     /// The objects this file last contributed successfully.
     objects: BTreeMap<ObjectKey, Arc<Object>>,
     /// The errors of its last read.
-    read_errors: Vec<FileError>,
+    read_errors: Vec<SourceError>,
     /// The errors last reported for it: `read_errors` and conflicts with other files.
-    reported: Vec<FileError>,
+    reported: Vec<SourceError>,
     /// A hash of the text last parsed: the same text again needs no parsing (the catch-up
     /// read when watching starts, editors that save without changes).
     text_hash: Option<u64>,
@@ -295,7 +257,7 @@ impl FileSource {
             Ok(listed) => {
                 paths.extend(listed);
                 if self.dir_errors.remove(dir) {
-                    batch.cleared.push(dir.to_owned());
+                    batch.cleared.push(Origin::File(dir.to_owned()));
                 }
             }
             Err(e) => {
@@ -304,8 +266,8 @@ impl FileSource {
                 }
                 let message = format!("{}: cannot read directory: {e}", dir.display());
                 warn!("{message}");
-                batch.errors.push(FileError {
-                    file: dir.to_owned(),
+                batch.errors.push(SourceError {
+                    origin: Origin::File(dir.to_owned()),
                     object: None,
                     message,
                 });
@@ -345,8 +307,8 @@ impl FileSource {
                         state.text_hash = None;
                     }
                     if explicit {
-                        let error = FileError {
-                            file: path.clone(),
+                        let error = SourceError {
+                            origin: Origin::File(path.clone()),
                             object: None,
                             message: format!("{}: file not found", path.display()),
                         };
@@ -355,15 +317,15 @@ impl FileSource {
                     } else if let Some(gone) = self.state.remove(path) {
                         debug!(file = %path.display(), "file removed");
                         if !gone.reported.is_empty() {
-                            batch.cleared.push(path.clone());
+                            batch.cleared.push(Origin::File(path.clone()));
                         }
                     }
                 }
                 Contents::Unreadable(e) => {
                     self.missing_since.remove(path);
                     // We can't tell what it holds now, so it keeps what it had.
-                    let error = FileError {
-                        file: path.clone(),
+                    let error = SourceError {
+                        origin: Origin::File(path.clone()),
                         object: None,
                         message: format!("{}: cannot read: {e}", path.display()),
                     };
@@ -393,7 +355,11 @@ impl FileSource {
     }
 
     /// The objects `path` contributes after reading `text`, and its errors.
-    fn parse(&self, path: &Path, text: &str) -> (BTreeMap<ObjectKey, Arc<Object>>, Vec<FileError>) {
+    fn parse(
+        &self,
+        path: &Path,
+        text: &str,
+    ) -> (BTreeMap<ObjectKey, Arc<Object>>, Vec<SourceError>) {
         let shown = path.display().to_string();
         let mut objects = BTreeMap::new();
         let mut lines = BTreeMap::new();
@@ -432,8 +398,8 @@ impl FileSource {
                 Document::Object { object, line } => {
                     let key = object.key();
                     if let Some(first) = lines.insert(key.clone(), line) {
-                        errors.push(FileError {
-                            file: path.to_owned(),
+                        errors.push(SourceError {
+                            origin: Origin::File(path.to_owned()),
                             object: Some(key.clone()),
                             message: format!(
                                 "{shown}:{line}: {key}: also defined at line {first}; the later one is used"
@@ -453,8 +419,8 @@ impl FileSource {
                         }
                         None => broken = true,
                     }
-                    errors.push(FileError {
-                        file: path.to_owned(),
+                    errors.push(SourceError {
+                        origin: Origin::File(path.to_owned()),
                         object: e.object.clone(),
                         message: e.to_string(),
                     });
@@ -535,7 +501,7 @@ impl FileSource {
             if current.is_empty() {
                 if !before.is_empty() {
                     debug!(file = %path.display(), "file errors cleared");
-                    batch.cleared.push(path);
+                    batch.cleared.push(Origin::File(path));
                 }
             } else if current != before || (report_all && read.contains(&path)) {
                 for error in &current {
@@ -547,7 +513,7 @@ impl FileSource {
     }
 
     /// Errors for the objects `path` defines that other files define too.
-    fn conflicts(&self, path: &Path, state: &FileState) -> Vec<FileError> {
+    fn conflicts(&self, path: &Path, state: &FileState) -> Vec<SourceError> {
         let mut errors = Vec::new();
         for key in state.objects.keys() {
             let Some(owners) = self.owners.get(key).filter(|o| o.len() > 1) else {
@@ -563,8 +529,8 @@ impl FileSource {
                 Some(winner) => format!("the one in {}", winner.display()),
                 None => continue,
             };
-            errors.push(FileError {
-                file: path.to_owned(),
+            errors.push(SourceError {
+                origin: Origin::File(path.to_owned()),
                 object: Some(key.clone()),
                 message: format!(
                     "{}: {key}: also defined in {}; {used} is used",
@@ -863,7 +829,7 @@ mod tests {
         let [error] = batch.errors.as_slice() else {
             panic!("{batch:?}")
         };
-        assert_eq!(error.file, file);
+        assert_eq!(error.origin, Origin::File(file.clone()));
         assert_eq!(
             error.object,
             Some(ObjectKey::new(Kind::Service, "default", "a"))
@@ -885,7 +851,7 @@ mod tests {
         fs::write(&file, docs(&[service("a", 82), service("b", 81)])).unwrap();
         let batch = src.load();
         assert_eq!(port_of(&batch, "a"), Some(82));
-        assert_eq!(batch.cleared, [file]);
+        assert_eq!(batch.cleared, [Origin::File(file)]);
         assert!(batch.errors.is_empty());
     }
 
@@ -918,7 +884,7 @@ mod tests {
         let batch = src.load();
         assert_eq!(deletes(&batch), ["Service default/a", "Service default/b"]);
         assert!(upserts(&batch).is_empty());
-        assert_eq!(batch.cleared, [file]);
+        assert_eq!(batch.cleared, [Origin::File(file)]);
     }
 
     #[test]
@@ -971,7 +937,7 @@ mod tests {
         let batch = src.load();
         assert_eq!(deletes(&batch), ["Service default/y"]);
         assert_eq!(port_of(&batch, "x"), Some(81));
-        assert_eq!(batch.cleared, [a, b.clone()]);
+        assert_eq!(batch.cleared, [Origin::File(a), Origin::File(b.clone())]);
 
         fs::remove_file(&b).unwrap();
         assert_eq!(deletes(&src.load()), ["Service default/x"]);

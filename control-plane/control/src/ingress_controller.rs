@@ -2,7 +2,6 @@
 //! incremental ingress index, publish the next snapshot, and keep the source's errors for status.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,9 +15,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::file_source::{Batch, FileError};
 use crate::prober::{ProbeResults, ProbeSource, Target};
 use crate::routes_file::Routes;
+use crate::source::{Batch, Origin, SourceError};
 use crate::status::{self, IngressReport, LoadBalancerNames, Probe};
 use knarr_translate::kingress::GatewayTag;
 
@@ -49,8 +48,8 @@ impl ControllerMetrics {
 pub struct IngressController {
     metrics: ControllerMetrics,
     index: Mutex<IngressIndex>,
-    /// Source errors, per file.
-    errors: Mutex<BTreeMap<PathBuf, Vec<FileError>>>,
+    /// Source errors, per origin (file or API object).
+    errors: Mutex<BTreeMap<Origin, Vec<SourceError>>>,
     cache: Arc<SnapshotCache>,
     clients: Arc<Clients>,
     /// Static routes (`--routes` files) served alongside the ingresses.
@@ -222,12 +221,12 @@ impl IngressController {
         let started = Instant::now();
         {
             let mut errors = self.errors.lock().unwrap();
-            for file in &batch.cleared {
-                errors.remove(file);
+            for origin in &batch.cleared {
+                errors.remove(origin);
             }
-            let mut fresh: BTreeMap<PathBuf, Vec<FileError>> = BTreeMap::new();
+            let mut fresh: BTreeMap<Origin, Vec<SourceError>> = BTreeMap::new();
             for e in batch.errors {
-                fresh.entry(e.file.clone()).or_default().push(e);
+                fresh.entry(e.origin.clone()).or_default().push(e);
             }
             errors.extend(fresh);
         }

@@ -3,6 +3,7 @@
 //!
 //! | module | one job |
 //! |---|---|
+//! | [`source`] | the source seam: [`source::Batch`]es of object changes, errors located by file or by object |
 //! | [`file_source`] | watched YAML folders and files → batches of object changes, errors by file and line |
 //! | [`store`] | the file world's store of applied Knative objects: generations, update checks |
 //! | [`ingress_controller`] | object changes → the incremental ingress index → the xDS snapshot; ACK and probe readiness |
@@ -17,7 +18,7 @@
 //! | [`bootstrap`] | the Envoy bootstrap that points a gateway at the xDS server |
 //!
 //! Where the Kubernetes modes plug in: a kube source (KIngresses, Services, EndpointSlices and
-//! Secrets from the API server) feeds the ingress controller the same [`file_source::Batch`]es,
+//! Secrets from the API server) feeds the ingress controller the same [`source::Batch`]es,
 //! and, for Knative's own objects, the serving shell the same upserts and deletes the store does;
 //! a status sink writes [`knarr_serving::Plan::statuses`] back; a Deployment runtime implements
 //! `knarr_runtime::Runtime`. Those live in their own crate (the only one depending on kube), so
@@ -33,6 +34,7 @@ pub mod ingress_controller;
 pub mod prober;
 pub mod routes_file;
 pub mod serving_controller;
+pub mod source;
 pub mod status;
 pub mod store;
 pub mod table;

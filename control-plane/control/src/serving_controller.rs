@@ -32,8 +32,8 @@ use prost::Message as _;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::debug;
 
-use crate::file_source::{Batch, Change};
 use crate::ingress_controller::IngressController;
+use crate::source::{Batch, Change};
 use crate::store::{Store, Stored};
 
 pub use crate::store::{resolve_working_dirs, Applied};

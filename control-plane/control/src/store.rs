@@ -12,7 +12,7 @@ use knarr_model::serving::{parse_serving_documents, ServingDocument, ServingKey,
 use knarr_model::{Document, Kind};
 use serde::{Deserialize, Serialize};
 
-use crate::file_source::Change;
+use crate::source::Change;
 
 /// What `knarr apply` did with one object, as kubectl says it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

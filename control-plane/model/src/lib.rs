@@ -14,7 +14,7 @@ mod validate;
 use std::fmt;
 
 pub use k8s::*;
-pub use parse::{parse_documents, Document, ParseError};
+pub use parse::{parse_api_object, parse_documents, Document, ParseError};
 pub use validate::{FieldError, TlsKeyPair};
 
 /// The annotation that says which ingress implementation owns a KIngress.

@@ -61,17 +61,24 @@ pub(crate) fn write_error(
     field: Option<&str>,
     reason: &str,
 ) -> fmt::Result {
-    write!(f, "{file}")?;
-    if let Some(line) = line {
-        write!(f, ":{line}")?;
+    // Objects read from the API server have no file: the object is where the error is.
+    let mut sep = "";
+    if !file.is_empty() {
+        write!(f, "{file}")?;
+        if let Some(line) = line {
+            write!(f, ":{line}")?;
+        }
+        sep = ": ";
     }
     if let Some(object) = object {
-        write!(f, ": {object}")?;
+        write!(f, "{sep}{object}")?;
+        sep = ": ";
     }
     if let Some(field) = field {
-        write!(f, ": {field}")?;
+        write!(f, "{sep}{field}")?;
+        sep = ": ";
     }
-    write!(f, ": {reason}")
+    write!(f, "{sep}{reason}")
 }
 
 impl std::error::Error for ParseError {}
@@ -157,6 +164,33 @@ fn parse_document(file: &str, chunk_start: usize, doc: &str, out: &mut Vec<Docum
     if value.is_null() {
         return;
     }
+    parse_value(file, line, value, Some((doc, chunk_start)), out);
+}
+
+/// Parses one object read from the Kubernetes API server (already decoded). Errors name the
+/// object and the field, with no file or line. `Ok(None)`: a kind Knarr does not read.
+pub fn parse_api_object(value: Value) -> Result<Option<Object>, ParseError> {
+    let mut out = Vec::new();
+    parse_value("", 0, value, None, &mut out);
+    match out.pop() {
+        Some(Document::Object { object, .. }) => Ok(Some(object)),
+        Some(Document::Error(mut e)) => {
+            e.line = None;
+            Err(e)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Turns a decoded document into an object (or an error). `text` is the document's source
+/// and where it starts, when it came from a file, for line numbers.
+fn parse_value(
+    file: &str,
+    line: usize,
+    value: Value,
+    text: Option<(&str, usize)>,
+    out: &mut Vec<Document>,
+) {
     let api_version = str_at(&value, &["apiVersion"]).map(str::to_owned);
     let kind_name = str_at(&value, &["kind"]).map(str::to_owned);
     let (Some(api_version), Some(kind_name)) = (api_version, kind_name) else {
@@ -230,22 +264,23 @@ fn parse_document(file: &str, chunk_start: usize, doc: &str, out: &mut Vec<Docum
     let tree = value;
     fn typed_from<T: DeserializeOwned>(
         tree: Value,
-        doc: &str,
-        start: usize,
+        text: Option<(&str, usize)>,
     ) -> Result<T, (Option<usize>, String)> {
         match serde_yaml::from_value(tree) {
             Ok(t) => Ok(t),
-            Err(_) => serde_yaml::from_str(doc).map_err(|e| yaml_error(&e, start)),
+            Err(e) => match text {
+                Some((doc, start)) => serde_yaml::from_str(doc).map_err(|e| yaml_error(&e, start)),
+                None => Err((None, e.to_string())),
+            },
         }
     }
-    let s = chunk_start;
     let parsed: Result<Object, (Option<usize>, String)> = match kind {
-        Kind::Ingress => typed_from(tree, doc, s).map(Object::Ingress),
-        Kind::Service => typed_from(tree, doc, s).map(Object::Service),
-        Kind::Endpoints => typed_from(tree, doc, s).map(Object::Endpoints),
-        Kind::EndpointSlice => typed_from(tree, doc, s).map(Object::EndpointSlice),
+        Kind::Ingress => typed_from(tree, text).map(Object::Ingress),
+        Kind::Service => typed_from(tree, text).map(Object::Service),
+        Kind::Endpoints => typed_from(tree, text).map(Object::Endpoints),
+        Kind::EndpointSlice => typed_from(tree, text).map(Object::EndpointSlice),
         Kind::Secret => {
-            typed_from(tree, doc, s).map(|sec| Object::TlsSecret(sec, Default::default()))
+            typed_from(tree, text).map(|sec| Object::TlsSecret(sec, Default::default()))
         }
         // Never chosen above: serving documents are read by `parse_serving_documents`.
         Kind::Serving(k) => Err((None, format!("{k} is read by the serving parser"))),
@@ -268,8 +303,8 @@ fn parse_document(file: &str, chunk_start: usize, doc: &str, out: &mut Vec<Docum
     match validate::validate(&mut object) {
         Ok(()) => out.push(Document::Object { object, line }),
         Err(FieldError { field, reason }) => {
-            let at = field_line(doc, &field)
-                .map(|l| chunk_start + l - 1)
+            let at = text
+                .and_then(|(doc, start)| field_line(doc, &field).map(|l| start + l - 1))
                 .unwrap_or(line);
             out.push(fail(Some(at), Some(field), reason));
         }

@@ -174,3 +174,32 @@ fn untyped_documents_are_passed_through() {
     let docs = objects("gateways: []\n");
     assert!(matches!(docs.as_slice(), [Document::Untyped { .. }]));
 }
+
+#[test]
+fn api_objects_parse_and_their_errors_name_the_object_not_a_file() {
+    let tree: serde_yaml::Value = serde_yaml::from_str(INGRESS).unwrap();
+    let Ok(Some(Object::Ingress(ing))) = parse_api_object(tree) else {
+        panic!("the KIngress should parse")
+    };
+    assert_eq!(ing.metadata.name, "hello");
+
+    let bad: serde_yaml::Value =
+        serde_yaml::from_str(&INGRESS.replace("percent: 10", "percent: 20")).unwrap();
+    let e = parse_api_object(bad).unwrap_err();
+    assert_eq!(e.line, None);
+    assert_eq!(
+        e.to_string(),
+        "Ingress default/hello: spec.rules[0].http.paths[0].splits: percents add up to 110, not 100"
+    );
+
+    let wrong_type: serde_yaml::Value = serde_yaml::from_str(
+        "apiVersion: v1\nkind: Endpoints\nmetadata: {name: e, namespace: x}\nsubsets: 3\n",
+    )
+    .unwrap();
+    let e = parse_api_object(wrong_type).unwrap_err();
+    assert!(e.to_string().starts_with("Endpoints x/e: "), "{e}");
+
+    let foreign: serde_yaml::Value =
+        serde_yaml::from_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n").unwrap();
+    assert_eq!(parse_api_object(foreign), Ok(None));
+}
