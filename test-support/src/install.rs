@@ -36,7 +36,8 @@ pub fn envoy_binary() -> anyhow::Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
-fn workspace_root() -> PathBuf {
+/// The workspace's root directory (the parent of this crate's).
+pub(crate) fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }

@@ -1,20 +1,31 @@
 //! `knarr-test-support`: what every Knarr crate's tests share, and nothing Knarr-specific.
 //!
-//! It depends on **no knarr crate** (only tokio, hyper, http, anyhow, tempfile, tracing and
-//! the like), so any crate can take it as a dev-dependency without a cycle: the activator's and
-//! the queue-proxy's tests (unit and integration) use it directly, and `knarr-tests` (the
-//! integration tests against a real Envoy, the benchmarks) re-exports it under its old paths
-//! and adds what needs the control plane (fixtures that run `knarr`, conformance backends).
+//! It depends on **no knarr crate** (only tokio, hyper, http, anyhow, tempfile, tracing,
+//! rustls, rcgen, nix and the like), so any crate can take it as a dev-dependency without a
+//! cycle: the activator's and the queue-proxy's tests (unit and integration) use it directly,
+//! and `knarr-tests` (the integration tests against a real Envoy, the benchmarks) re-exports
+//! it under its old paths and adds what needs the control plane (fixtures that run `knarr`,
+//! conformance backends).
 //!
 //! - [`Envoy`] ([`envoy`]): launches the real Envoy on a bootstrap (binary from `$KNARR_ENVOY`
 //!   or `<workspace>/.knarr/envoy`, see [`envoy_binary`] and `scripts/install-envoy.sh`), finds
 //!   its admin port (always port 0) and reads its state back through the admin API: `/ready`,
 //!   bound listener ports, stats and the config dump ([`ConfigDump`]). Every wait polls a
 //!   readiness signal, never sleeps blindly, and a failed wait carries the tail of Envoy's log.
-//! - [`Upstream`] ([`upstream`]): a fake backend or pod on `127.0.0.1:0`, configured with a
-//!   small builder: it answers with its name, echoes and reports what reached it, answers
-//!   Knative's probes (and can be unready), sleeps, holds responses until the test releases
-//!   them, streams, echoes or refuses upgrades, and counts requests.
+//! - [`Upstream`] ([`upstream`]): a fake backend or pod on `127.0.0.1:0` (or on a listener the
+//!   test bound, such as one in a [`NetHost`]), configured with a small builder: it answers
+//!   with its name, echoes and reports what reached it, answers Knative's probes (and can be
+//!   unready), sleeps, holds responses until the test releases them, streams, echoes or
+//!   refuses upgrades, and counts requests.
+//! - [`KubeApi`] ([`kube`]): a real kube-apiserver on etcd, started as envtest does, with an
+//!   admin token, ServiceAccount tokens for RBAC tests, `kubectl` and server-side apply, a
+//!   kubeconfig for the `kube` crate, and "API server restarted" / "etcd wiped". Binaries from
+//!   `scripts/kube-bin.sh` ([`kube_binaries`]: `$KNARR_KUBE_BIN`, or built once into
+//!   `~/.cache/knarr/kube`).
+//! - [`NetHost`] ([`netns`]): a network namespace with its own address `10.244.<N>.2`
+//!   reachable from the root namespace, for backends that Endpoints must point at (the API
+//!   server refuses loopback addresses there); [`NetHost::bind`] binds a listener inside it
+//!   from this process. Needs root.
 //! - [`http_get`] / [`HttpClient`] ([`client`]): a minimal HTTP/1.1 and h2c client that buffers
 //!   [`HttpReply`]s, with a [`REQUEST_TIMEOUT`] on every call.
 //! - Waits: [`poll_until`] (an async condition, an error on timeout), [`wait_until`] (a cheap
@@ -28,6 +39,8 @@ pub mod admin;
 pub mod client;
 pub mod envoy;
 pub mod install;
+pub mod kube;
+pub mod netns;
 pub mod upstream;
 
 use std::future::Future;
@@ -40,6 +53,8 @@ pub use admin::{ConfigDump, ResourceKind};
 pub use client::{http_get, http_send, HttpClient, HttpReply, REQUEST_TIMEOUT};
 pub use envoy::{Envoy, EnvoyBuilder, STARTUP_TIMEOUT};
 pub use install::{envoy_binary, ENVOY_VERSION};
+pub use kube::{kube_binaries, KubeApi, KUBE_BINARIES, KUBE_STARTUP_TIMEOUT};
+pub use netns::NetHost;
 pub use upstream::{BodyWriter, SeenRequest, Upstream, UpstreamBuilder};
 
 /// How often [`poll_until`] and [`Envoy`]'s waits re-check their condition.

@@ -485,6 +485,18 @@ impl UpstreamBuilder {
         self.start_on(listener)
     }
 
+    /// Starts serving on a std listener, such as one bound inside a test host by
+    /// [`NetHost::bind`](crate::NetHost::bind) (a backend at a real, non-loopback address).
+    /// Must be called within a tokio runtime.
+    pub fn start_on_std(self, listener: std::net::TcpListener) -> anyhow::Result<Upstream> {
+        listener
+            .set_nonblocking(true)
+            .context("making the listener non-blocking")?;
+        let listener =
+            TcpListener::from_std(listener).context("registering the listener with tokio")?;
+        self.start_on(listener)
+    }
+
     /// Starts serving on a listener the test already bound (e.g. from
     /// [`ReservedPort::listen`](crate::ReservedPort::listen)).
     pub fn start_on(self, listener: TcpListener) -> anyhow::Result<Upstream> {
