@@ -12,7 +12,7 @@ use knarr_translate::reconcile::{ClassFilter, IngressIndex};
 use knarr_xds::{Clients, NodeGrouping, SnapshotCache, XdsMetrics, XdsServerConfig, XdsService};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -92,7 +92,18 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Loads the sources, binds every socket and starts serving and watching.
     pub async fn start(config: ServeConfig) -> anyhow::Result<ControlPlane> {
-        Self::start_sources(config, None).await
+        Self::start_sources(config, Feed::Files, None).await
+    }
+
+    /// [`start`](Self::start) on objects from a source of the caller's (the API server):
+    /// `initial` is everything it read first (published as one snapshot before any Envoy is
+    /// served), `batches` what changes after.
+    pub async fn start_fed(
+        config: ServeConfig,
+        initial: Batch,
+        batches: mpsc::Receiver<Batch>,
+    ) -> anyhow::Result<ControlPlane> {
+        Self::start_sources(config, Feed::External(initial, batches), None).await
     }
 
     /// [`start`](Self::start), plus Knative Services: serving objects in the sources (and
@@ -113,7 +124,8 @@ impl ControlPlane {
                 .add_service(crate::activator_stats::AutoscalerServer::new(tx));
             rx
         });
-        let mut cp = Self::start_sources(config, Some((domain, runtime, autoscaling))).await?;
+        let mut cp =
+            Self::start_sources(config, Feed::Files, Some((domain, runtime, autoscaling))).await?;
         if let (Some(rx), Some(serving)) = (stats, cp.serving.clone()) {
             cp.tasks.spawn(serving.clone().follow_activator_stats(rx));
             cp.tasks.spawn(serving.scrape(cp.shutdown.subscribe()));
@@ -123,6 +135,7 @@ impl ControlPlane {
 
     async fn start_sources(
         config: ServeConfig,
+        feed: Feed,
         services: Option<(&str, Arc<dyn Runtime>, Option<AutoscalerConfig>)>,
     ) -> anyhow::Result<ControlPlane> {
         for dir in &config.source_dirs {
@@ -154,17 +167,22 @@ impl ControlPlane {
         let controller = Arc::new(controller);
         // Load everything before serving, so the first Envoy gets the whole config at once.
         let started = std::time::Instant::now();
-        let mut source = FileSource::new(config.source_dirs.clone(), config.files.clone());
-        if services.is_some() {
-            source = source.with_serving();
-        }
+        let (initial, watch) = match feed {
+            Feed::Files => {
+                let mut source = FileSource::new(config.source_dirs.clone(), config.files.clone());
+                if services.is_some() {
+                    source = source.with_serving();
+                }
+                (source.load(), Watch::Files(source))
+            }
+            Feed::External(initial, batches) => (initial, Watch::External(batches)),
+        };
         let serving = services.map(|(domain, runtime, autoscaling)| match autoscaling {
             Some(config) => {
                 ServingController::with_autoscaling(domain, controller.clone(), runtime, config)
             }
             None => ServingController::new(domain, controller.clone(), runtime),
         });
-        let initial = source.load();
         crate::ingress_controller::log_load(&initial);
         match &serving {
             Some(serving) => apply_split(&controller, serving, initial),
@@ -181,9 +199,15 @@ impl ControlPlane {
             .with_context(|| format!("cannot listen for the status API on {}", config.api_addr))?;
         let api_addr = api_listener.local_addr()?;
         let mut cp = Self::start_inner(config, cache, clients, Some(controller.clone())).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
         let shutdown_rx = cp.shutdown.subscribe();
-        cp.tasks.spawn(source.watch(tx, shutdown_rx.clone()));
+        let rx = match watch {
+            Watch::Files(source) => {
+                let (tx, rx) = mpsc::channel(64);
+                cp.tasks.spawn(source.watch(tx, shutdown_rx.clone()));
+                rx
+            }
+            Watch::External(rx) => rx,
+        };
         match &serving {
             Some(serving) => {
                 cp.tasks.spawn(split_batches(
@@ -305,6 +329,19 @@ impl ControlPlane {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// Where the control plane's objects come from.
+enum Feed {
+    /// `config.source_dirs` and `config.files`, read and watched here.
+    Files,
+    /// A source of the caller's: its first batch and the ones after.
+    External(Batch, mpsc::Receiver<Batch>),
+}
+
+enum Watch {
+    Files(FileSource),
+    External(mpsc::Receiver<Batch>),
 }
 
 /// Hands a batch's serving objects to the serving controller and the rest (with every file

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use knarr_model::{Kind, ObjectKey};
-use knarr_translate::reconcile::IngressIndex;
+use knarr_translate::reconcile::{IngressIndex, IngressState};
 use knarr_xds::{Clients, Resource, ResourceType, SnapshotBuilder, SnapshotCache};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -62,6 +62,8 @@ pub struct IngressController {
     /// What activators follow (`knarr.activator.v1.Revision`), published with the ingresses;
     /// kept as a builder so that each publish takes the whole set in O(1).
     activator_revisions: Mutex<SnapshotBuilder>,
+    /// How many batches have been applied (whoever fed a batch can wait for it).
+    applied: watch::Sender<u64>,
 }
 
 /// Wakes whoever waits on the gateways: an Envoy connected, left or ACKed, or a hash probe
@@ -103,6 +105,7 @@ impl IngressController {
             probes: None,
             probe_pending: Mutex::new(Default::default()),
             activator_revisions: Mutex::new(SnapshotBuilder::default()),
+            applied: watch::channel(0).0,
         }
     }
 
@@ -232,6 +235,7 @@ impl IngressController {
         }
         if batch.changes.is_empty() {
             self.update_gauges();
+            self.applied.send_modify(|n| *n += 1);
             return;
         }
         let count = batch.changes.len();
@@ -257,6 +261,7 @@ impl IngressController {
             .publish_seconds
             .observe(started.elapsed().as_secs_f64());
         self.update_gauges();
+        self.applied.send_modify(|n| *n += 1);
         info!(
             objects = count,
             generation = published.generation(),
@@ -304,26 +309,13 @@ impl IngressController {
     /// Whether every gateway serves the ingress `key` as last applied (ACKed and, with
     /// probing, confirmed).
     pub fn ingress_ready(&self, key: &ObjectKey) -> bool {
-        let index = self.index.lock().unwrap();
-        let Some(state) = index.state(key) else {
-            return false;
-        };
-        let snapshot = self.cache.get(knarr_xds::DEFAULT_GROUP).unwrap_or_default();
-        let probe = match &self.probes {
-            None => Probe::Off,
-            Some(p) if p.confirmed(&state.key, &state.hash) => Probe::Confirmed,
-            Some(_) => Probe::Pending,
-        };
-        let errors = self.object_errors();
-        status::report(
-            &state,
-            &snapshot,
-            &self.clients,
-            probe,
-            errors.get(key).map(String::as_str),
-            &self.names,
-        )
-        .is_ready()
+        self.report(key).is_some_and(|r| r.is_ready())
+    }
+
+    /// The number of batches applied so far, and every change of it: the n-th batch fed (the
+    /// first load counts) is in the index and published once this reaches n.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// Subscribes to what moves the gateways' readiness (ACKs, probes).
@@ -374,6 +366,33 @@ impl IngressController {
         }
     }
 
+    /// The report of one ingress: of our class and loaded, or rejected by the source (`None`:
+    /// neither, e.g. deleted or of another class).
+    pub fn report(&self, key: &ObjectKey) -> Option<IngressReport> {
+        let error = self.error_of(key);
+        let index = self.index.lock().unwrap();
+        let Some(state) = index.state(key) else {
+            return error.map(|e| status::invalid_report(key, &e));
+        };
+        let snapshot = self.cache.get(knarr_xds::DEFAULT_GROUP).unwrap_or_default();
+        Some(status::report(
+            &state,
+            &snapshot,
+            &self.clients,
+            self.probe_of(&state),
+            error.as_deref(),
+            &self.names,
+        ))
+    }
+
+    fn probe_of(&self, state: &IngressState) -> Probe {
+        match &self.probes {
+            None => Probe::Off,
+            Some(p) if p.confirmed(&state.key, &state.hash) => Probe::Confirmed,
+            Some(_) => Probe::Pending,
+        }
+    }
+
     /// Every ingress: of our class and loaded, or rejected by the source.
     pub fn reports(&self) -> Vec<IngressReport> {
         let errors = self.object_errors();
@@ -383,16 +402,11 @@ impl IngressController {
             .states()
             .iter()
             .map(|state| {
-                let probe = match &self.probes {
-                    None => Probe::Off,
-                    Some(p) if p.confirmed(&state.key, &state.hash) => Probe::Confirmed,
-                    Some(_) => Probe::Pending,
-                };
                 status::report(
                     state,
                     &snapshot,
                     &self.clients,
-                    probe,
+                    self.probe_of(state),
                     errors.get(&state.key).map(String::as_str),
                     &self.names,
                 )
@@ -420,6 +434,23 @@ impl IngressController {
             }
         }
         out
+    }
+
+    /// The source's error about one object: an API object's own, or one a file names.
+    fn error_of(&self, key: &ObjectKey) -> Option<String> {
+        let errors = self.errors.lock().unwrap();
+        if let Some(e) = errors
+            .get(&Origin::Object(key.clone()))
+            .and_then(|e| e.last())
+        {
+            return Some(e.message.clone());
+        }
+        errors
+            .values()
+            .flatten()
+            .filter(|e| e.object.as_ref() == Some(key))
+            .map(|e| e.message.clone())
+            .last()
     }
 
     /// Every source error, as messages.

@@ -55,10 +55,14 @@ struct ServeArgs {
     /// Address of the read-only status API that `knarr get` reads.
     #[arg(long, default_value = "127.0.0.1:18001")]
     api_addr: SocketAddr,
-    /// Where objects come from: `file:DIR` (repeatable). Every YAML file in DIR is loaded and
-    /// watched: KIngresses, Services, Endpoints, EndpointSlices and TLS Secrets.
-    #[arg(long = "source", value_name = "file:DIR")]
+    /// Where objects come from: `file:DIR` (repeatable; every YAML file in DIR is loaded and
+    /// watched: KIngresses, Services, Endpoints, EndpointSlices and TLS Secrets), or `kube`:
+    /// the Kubernetes API server (a build with the `kube` feature), which also gets each
+    /// KIngress's status written back.
+    #[arg(long = "source", value_name = "file:DIR|kube")]
     sources: Vec<String>,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// A single YAML file of objects, watched (repeatable).
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     files: Vec<PathBuf>,
@@ -83,12 +87,39 @@ struct ServeArgs {
     /// Cluster-local HTTPS port of the gateway (opened when an ingress has TLS).
     #[arg(long, default_value_t = 8444)]
     internal_https_port: u16,
-    /// The ingress class to program (`networking.knative.dev/ingress.class`).
+    /// The ingress class to program (`networking.knative.dev/ingress.class`); repeat it to
+    /// program several, e.g. Kourier's `kourier.ingress.networking.knative.dev` too.
     #[arg(long, default_value = knarr_model::KNARR_INGRESS_CLASS)]
-    ingress_class: String,
+    ingress_class: Vec<String>,
     /// Leave ingresses without a class annotation alone (by default they are programmed).
     #[arg(long)]
     ignore_unannotated: bool,
+}
+
+/// `--source kube` only.
+#[derive(clap::Args, Default)]
+struct KubeArgs {
+    /// Kubeconfig to use (default: `$KUBECONFIG`, `~/.kube/config`, else the in-cluster
+    /// service account).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch this namespace only (default: all).
+    #[arg(long, value_name = "NS")]
+    namespace: Option<String>,
+    /// Namespace of the Lease that elects the replica writing status (default: `$POD_NAMESPACE`,
+    /// else `knarr-system`).
+    #[arg(long, value_name = "NS")]
+    lease_namespace: Option<String>,
+    /// Name of that Lease.
+    #[arg(long, default_value = "knarr-controller.ingress")]
+    lease_name: String,
+    /// This replica's name in the election (default: `$POD_NAME`, else the host name and pid).
+    #[arg(long)]
+    identity: Option<String>,
+    /// Seconds a leader keeps the Lease without renewing it; a new leader takes over within
+    /// this after the old one dies.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
 }
 
 #[derive(Subcommand)]
@@ -167,7 +198,14 @@ fn main() -> ExitCode {
         Command::Up(args) => knarr::up::run(*args),
         Command::Serve(args) => {
             init_tracing();
-            let config = match serve_config(*args) {
+            let mut args = *args;
+            let kube_args = args
+                .sources
+                .iter()
+                .any(|s| s == "kube")
+                .then(|| std::mem::take(&mut args.kube));
+            args.sources.retain(|s| s != "kube");
+            let config = match serve_config(args) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("knarr serve: {e}");
@@ -181,7 +219,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(serve(config))
+            match kube_args {
+                None => runtime.block_on(serve(config)),
+                Some(kube) => serve_kube(&runtime, config, kube),
+            }
         }
         Command::Get(args) => client_command("get", get::run(&args)),
         Command::Apply(args) => client_command("apply", apply::apply(&args)),
@@ -218,11 +259,7 @@ fn serve_config(args: ServeArgs) -> Result<ServeConfig, String> {
     for source in &args.sources {
         match source.split_once(':') {
             Some(("file", dir)) if !dir.is_empty() => source_dirs.push(PathBuf::from(dir)),
-            _ => {
-                return Err(format!(
-                    "--source {source:?}: expected file:DIR (the Kubernetes source comes later)"
-                ))
-            }
+            _ => return Err(format!("--source {source:?}: expected file:DIR or kube")),
         }
     }
     Ok(ServeConfig {
@@ -244,10 +281,69 @@ fn serve_config(args: ServeArgs) -> Result<ServeConfig, String> {
             internal_https_port: args.internal_https_port,
         },
         classes: ClassFilter {
-            class: args.ingress_class,
+            classes: args.ingress_class,
             take_unannotated: !args.ignore_unannotated,
         },
         ..Default::default()
+    })
+}
+
+#[cfg(not(feature = "kube"))]
+fn serve_kube(_: &tokio::runtime::Runtime, _: ServeConfig, _: KubeArgs) -> ExitCode {
+    eprintln!(
+        "knarr serve: --source kube needs a knarr built with the `kube` feature \
+         (cargo build --release -p knarr --features kube)"
+    );
+    ExitCode::from(EXIT_CONFIG)
+}
+
+#[cfg(feature = "kube")]
+fn serve_kube(runtime: &tokio::runtime::Runtime, config: ServeConfig, args: KubeArgs) -> ExitCode {
+    if !config.source_dirs.is_empty() || !config.files.is_empty() {
+        eprintln!("knarr serve: --source kube cannot be combined with file sources");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "knarr".into());
+            format!("{host}-{}", std::process::id())
+        });
+    let lease_namespace = args
+        .lease_namespace
+        .or_else(|| {
+            std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "knarr-system".into());
+    let kube = knarr_kube::KubeConfig {
+        kubeconfig: args.kubeconfig,
+        namespace: args.namespace,
+        classes: config.classes.clone(),
+        lease: knarr_kube::LeaseConfig {
+            namespace: lease_namespace,
+            name: args.lease_name,
+            identity,
+            duration: Duration::from_secs(args.lease_seconds.max(2)),
+            grace: Duration::from_secs((args.lease_seconds / 3).max(1)),
+        },
+    };
+    runtime.block_on(async move {
+        let cp = match knarr_kube::KubeControlPlane::start(config, kube).await {
+            Ok(cp) => cp,
+            Err(e) => {
+                error!("{e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let signal = wait_for_signal().await;
+        info!(signal, "shutting down");
+        cp.shutdown(Duration::from_secs(10)).await;
+        ExitCode::SUCCESS
     })
 }
 

@@ -62,7 +62,9 @@ pub struct NotProgrammed {
 /// Which ingresses this translator programs.
 #[derive(Debug, Clone)]
 pub struct ClassFilter {
-    pub class: String,
+    /// The values of `networking.knative.dev/ingress.class` programmed (Knarr's own, and for a
+    /// drop-in switch, Kourier's).
+    pub classes: Vec<String>,
     /// Program ingresses with no class annotation (Knative's default class is ours).
     pub take_unannotated: bool,
 }
@@ -70,7 +72,7 @@ pub struct ClassFilter {
 impl Default for ClassFilter {
     fn default() -> Self {
         ClassFilter {
-            class: KNARR_INGRESS_CLASS.into(),
+            classes: vec![KNARR_INGRESS_CLASS.into()],
             take_unannotated: true,
         }
     }
@@ -78,8 +80,13 @@ impl Default for ClassFilter {
 
 impl ClassFilter {
     pub fn wants(&self, ingress: &Ingress) -> bool {
-        match ingress.class() {
-            Some(class) => class == self.class,
+        self.wants_class(ingress.class())
+    }
+
+    /// Whether an ingress annotated with `class` (`None`: unannotated) is ours.
+    pub fn wants_class(&self, class: Option<&str>) -> bool {
+        match class {
+            Some(class) => self.classes.iter().any(|c| c == class),
             None => self.take_unannotated,
         }
     }
