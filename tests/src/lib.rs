@@ -24,6 +24,7 @@
 pub mod bench;
 pub mod conformance;
 pub mod kfixture;
+pub mod kube_fixture;
 pub mod up;
 
 // What moved to `knarr-test-support`, under its old paths. `client` and
@@ -35,6 +36,7 @@ pub use knarr_test_support::{
     ReservedPort, ResourceKind, Upstream, UpstreamBuilder, ENVOY_VERSION, POLL_INTERVAL,
     REQUEST_TIMEOUT, STARTUP_TIMEOUT,
 };
+pub use knarr_test_support::{KubeApi, NetHost};
 
 pub use conformance::{
     https_get, ws_connect, GrpcEcho, GrpcStreamClient, LoadGenerator, LoadSummary, TestCa,
