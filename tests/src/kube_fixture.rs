@@ -228,6 +228,8 @@ impl Replica {
                 duration: Duration::from_secs(3),
                 grace: Duration::from_secs(1),
             },
+            // Each replica's own Envoy, connected to it, is the gateway it probes.
+            gateway_service: None,
         };
         let cp = KubeControlPlane::start(serve, kube).await?;
         let yaml = bootstrap::render(&BootstrapOptions {

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::prober::{ProbeResults, ProbeSource, Target};
 use crate::routes_file::Routes;
 use crate::source::{Batch, Origin, SourceError};
-use crate::status::{self, IngressReport, LoadBalancerNames, Probe};
+use crate::status::{self, GatewayAcks, IngressReport, LoadBalancerNames, Probe};
 use knarr_translate::kingress::GatewayTag;
 
 /// The controller's Prometheus metrics.
@@ -64,6 +64,8 @@ pub struct IngressController {
     activator_revisions: Mutex<SnapshotBuilder>,
     /// How many batches have been applied (whoever fed a batch can wait for it).
     applied: watch::Sender<u64>,
+    /// Gateways found by the source, when not the connected Envoys (see `set_gateways`).
+    gateways: Mutex<Option<Vec<std::net::IpAddr>>>,
 }
 
 /// Wakes whoever waits on the gateways: an Envoy connected, left or ACKed, or a hash probe
@@ -106,6 +108,7 @@ impl IngressController {
             probe_pending: Mutex::new(Default::default()),
             activator_revisions: Mutex::new(SnapshotBuilder::default()),
             applied: watch::channel(0).0,
+            gateways: Mutex::new(None),
         }
     }
 
@@ -176,7 +179,7 @@ impl IngressController {
             if s.not_programmed.is_some() || probes.confirmed(&s.key, &s.hash) {
                 return false;
             }
-            if status::all_acked(&s, &snapshot, &self.clients) == Some(true) {
+            if self.acks(&s, &snapshot).acked == Some(true) {
                 targets.push(Target {
                     hosts: s
                         .claims
@@ -207,6 +210,9 @@ impl IngressController {
 
     /// Where the connected Envoys are.
     fn gateway_ips(&self) -> Vec<std::net::IpAddr> {
+        if let Some(gateways) = &*self.gateways.lock().unwrap() {
+            return gateways.clone();
+        }
         let mut ips: Vec<_> = self
             .clients
             .list()
@@ -377,12 +383,31 @@ impl IngressController {
         let snapshot = self.cache.get(knarr_xds::DEFAULT_GROUP).unwrap_or_default();
         Some(status::report(
             &state,
-            &snapshot,
-            &self.clients,
+            self.acks(&state, &snapshot),
             self.probe_of(&state),
             error.as_deref(),
             &self.names,
         ))
+    }
+
+    /// The gateways' ACKs of an ingress: of the connected Envoys, or, with gateways found
+    /// elsewhere ([`set_gateways`](Self::set_gateways)), left to the probes.
+    fn acks(&self, state: &IngressState, snapshot: &knarr_xds::Snapshot) -> GatewayAcks {
+        match &*self.gateways.lock().unwrap() {
+            Some(gateways) => GatewayAcks::probed_only(gateways.len()),
+            None => GatewayAcks::connected(state, snapshot, &self.clients),
+        }
+    }
+
+    /// Where the gateways are, when something other than the xDS connections says so (in a
+    /// cluster, the ready pods behind the gateway Service: Envoys connect to any replica, and
+    /// the leader must probe them all). `None`: the Envoys connected here.
+    pub fn set_gateways(&self, gateways: Option<Vec<std::net::IpAddr>>) {
+        let mut current = self.gateways.lock().unwrap();
+        if *current != gateways {
+            info!(?gateways, "gateways");
+            *current = gateways;
+        }
     }
 
     fn probe_of(&self, state: &IngressState) -> Probe {
@@ -404,8 +429,7 @@ impl IngressController {
             .map(|state| {
                 status::report(
                     state,
-                    &snapshot,
-                    &self.clients,
+                    self.acks(state, &snapshot),
                     self.probe_of(state),
                     errors.get(&state.key).map(String::as_str),
                     &self.names,

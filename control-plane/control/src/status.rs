@@ -137,11 +137,38 @@ pub enum Probe {
     Pending,
 }
 
+/// What the gateways say about an ingress's current translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayAcks {
+    /// Whether every gateway holds it (`None`: no gateway known).
+    pub acked: Option<bool>,
+    /// How many gateways there are.
+    pub gateways: usize,
+}
+
+impl GatewayAcks {
+    /// From the Envoys connected to this control plane.
+    pub fn connected(state: &IngressState, snapshot: &Snapshot, clients: &Clients) -> Self {
+        GatewayAcks {
+            acked: all_acked(state, snapshot, clients),
+            gateways: clients.count(),
+        }
+    }
+
+    /// From a list of gateways found elsewhere (a cluster's gateway pods, some connected to
+    /// other replicas): their ACKs cannot be seen, so only the hash probes can tell.
+    pub fn probed_only(gateways: usize) -> Self {
+        GatewayAcks {
+            acked: (gateways > 0).then_some(true),
+            gateways,
+        }
+    }
+}
+
 /// Builds the report of one ingress the translator knows.
 pub fn report(
     state: &IngressState,
-    snapshot: &Snapshot,
-    clients: &Clients,
+    acks: GatewayAcks,
     probe: Probe,
     error: Option<&str>,
     names: &LoadBalancerNames,
@@ -158,7 +185,7 @@ pub fn report(
     let lb = if state.not_programmed.is_some() {
         Condition::new("LoadBalancerReady", "Unknown", Some("NotConfigured"), None)
     } else {
-        match (all_acked(state, snapshot, clients), probe) {
+        match (acks.acked, probe) {
             (None, _) => Condition::new(
                 "LoadBalancerReady",
                 "Unknown",
@@ -171,7 +198,7 @@ pub fn report(
                 Some("Uninitialized"),
                 Some(format!(
                     "waiting for {} connected Envoy(s) to accept the config",
-                    clients.count()
+                    acks.gateways
                 )),
             ),
             (Some(true), Probe::Pending) => Condition::new(

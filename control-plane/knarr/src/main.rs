@@ -120,6 +120,12 @@ struct KubeArgs {
     /// this after the old one dies.
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
+    /// The gateway Service, `NAMESPACE/NAME`, whose ready pods (from its EndpointSlices) are
+    /// the gateways hash-probed before an ingress is Ready. Needed with several replicas, as
+    /// each gateway connects to only one of them; without it, the Envoys connected to this
+    /// replica are probed.
+    #[arg(long, value_name = "NS/NAME")]
+    gateway_service: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -320,7 +326,18 @@ fn serve_kube(runtime: &tokio::runtime::Runtime, config: ServeConfig, args: Kube
                 .filter(|s| !s.is_empty())
         })
         .unwrap_or_else(|| "knarr-system".into());
+    let gateway_service = match args.gateway_service.as_deref().map(|s| s.split_once('/')) {
+        None => None,
+        Some(Some((ns, name))) if !ns.is_empty() && !name.is_empty() => {
+            Some((ns.to_owned(), name.to_owned()))
+        }
+        Some(_) => {
+            eprintln!("knarr serve: --gateway-service: expected NAMESPACE/NAME");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let kube = knarr_kube::KubeConfig {
+        gateway_service,
         kubeconfig: args.kubeconfig,
         namespace: args.namespace,
         classes: config.classes.clone(),

@@ -23,6 +23,9 @@ pub struct KubeConfig {
     pub namespace: Option<String>,
     pub classes: ClassFilter,
     pub lease: LeaseConfig,
+    /// The gateway Service (`namespace`, `name`) whose ready pods are the gateways to probe
+    /// (`None`: the Envoys connected to this replica, which is right only with one replica).
+    pub gateway_service: Option<(String, String)>,
 }
 
 /// The API client: from a kubeconfig file, or kube's default search (`$KUBECONFIG`,
@@ -57,8 +60,15 @@ impl KubeControlPlane {
     /// leading, writes status.
     pub async fn start(serve: ServeConfig, kube: KubeConfig) -> anyhow::Result<KubeControlPlane> {
         let client = client(kube.kubeconfig.as_ref()).await?;
+        let (pods, gateways) = match &kube.gateway_service {
+            Some((ns, name)) => {
+                let (pods, rx) = crate::gateways::GatewayPods::new(ns, name);
+                (Some(pods), Some(rx))
+            }
+            None => (None, None),
+        };
         let mut source =
-            KubeSource::start(client.clone(), kube.namespace.clone(), kube.classes).await?;
+            KubeSource::start(client.clone(), kube.namespace.clone(), kube.classes, pods).await?;
         let initial = std::mem::take(&mut source.initial);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let batches = std::mem::replace(&mut source.batches, rx);
@@ -68,6 +78,16 @@ impl KubeControlPlane {
             .clone()
             .ok_or_else(|| anyhow::anyhow!("the control plane has no ingress controller"))?;
         drop(tx);
+        if let Some(mut gateways) = gateways {
+            let controller = Arc::clone(&controller);
+            controller.set_gateways(Some(gateways.borrow_and_update().clone()));
+            tokio::spawn(async move {
+                while gateways.changed().await.is_ok() {
+                    let now = gateways.borrow_and_update().clone();
+                    controller.set_gateways(Some(now));
+                }
+            });
+        }
         let leadership = Leadership::start(client.clone(), &kube.lease).await?;
         let touched = std::mem::replace(
             &mut source.touched,

@@ -109,10 +109,14 @@ struct Delivery {
 impl KubeSource {
     /// Starts the watches and waits until each has listed once (retrying with back-off while the
     /// API server cannot be reached or refuses).
+    ///
+    /// With `gateway_pods`, the EndpointSlices of that gateway Service are followed too (see
+    /// [`crate::gateways`]).
     pub async fn start(
         client: Client,
         namespace: Option<String>,
         classes: ClassFilter,
+        gateway_pods: Option<crate::gateways::GatewayPods>,
     ) -> anyhow::Result<KubeSource> {
         let (events_tx, events_rx) = mpsc::channel(1024);
         for kind in WATCHED {
@@ -145,6 +149,7 @@ impl KubeSource {
             next_secret: 0,
             unsynced: WATCHED.iter().map(|k| Stream::Kind(*k)).collect(),
             observed: observed.clone(),
+            gateway_pods,
             pending: Pending::default(),
             seq: 0,
         };
@@ -222,6 +227,8 @@ struct State {
     /// Watches that have not finished their first list; the first batch waits for them.
     unsynced: HashSet<Stream>,
     observed: Observed,
+    /// The gateway pods, when a gateway Service is followed.
+    gateway_pods: Option<crate::gateways::GatewayPods>,
     pending: Pending,
     /// Batches sent so far.
     seq: u64,
@@ -361,6 +368,11 @@ impl State {
         }
         match parse(key.kind, object) {
             Ok(Some(parsed)) => {
+                if let (Object::EndpointSlice(slice), Some(pods)) =
+                    (&parsed, &mut self.gateway_pods)
+                {
+                    pods.slice_applied(slice);
+                }
                 if let Object::Ingress(ing) = &parsed {
                     let secrets = ing
                         .spec
@@ -412,6 +424,9 @@ impl State {
     }
 
     fn delete(&mut self, key: ObjectKey) {
+        if let (Kind::EndpointSlice, Some(pods)) = (key.kind, &mut self.gateway_pods) {
+            pods.slice_deleted(&key);
+        }
         if key.kind == Kind::Ingress {
             self.name_secrets(&key, Vec::new());
             if self.observed.lock().unwrap().remove(&key).is_some() {
