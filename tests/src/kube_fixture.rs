@@ -230,6 +230,7 @@ impl Replica {
             },
             // Each replica's own Envoy, connected to it, is the gateway it probes.
             gateway_service: None,
+            config_namespace: Some("knarr-system".into()),
         };
         let cp = KubeControlPlane::start(serve, kube).await?;
         let yaml = bootstrap::render(&BootstrapOptions {

@@ -135,3 +135,53 @@ async fn the_manifests_are_accepted_by_the_api_server() {
         assert!(out.contains(object), "{object} missing from:\n{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_knarr_changes_the_ingress_class_live() {
+    let world = KubeWorld::start().await.unwrap();
+    let replica = Replica::start(&world, "replica-a").await.unwrap();
+    let backend = Backend::start("backend").await.unwrap();
+    let kourier = exposed_yaml("old", backend.addr(), "old.default.example.com").replace(
+        knarr_model::KNARR_INGRESS_CLASS,
+        "kourier.ingress.networking.knative.dev",
+    );
+    world.apply(&kourier).await.unwrap();
+    world
+        .apply(&exposed_yaml(
+            "new",
+            backend.addr(),
+            "new.default.example.com",
+        ))
+        .await
+        .unwrap();
+    replica.wait_200("new.default.example.com").await.unwrap();
+    assert_eq!(
+        replica
+            .external
+            .get("old.default.example.com", "/")
+            .await
+            .unwrap()
+            .status,
+        404,
+        "Kourier's KIngress is not Knarr's by default"
+    );
+
+    // Take Kourier's class only: its KIngress is served and Ready, Knarr's own is dropped.
+    world
+        .apply(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: config-knarr, namespace: knarr-system}\ndata:\n  ingress-class: kourier.ingress.networking.knative.dev\n  gateway-namespace: gateways\n",
+        )
+        .await
+        .unwrap();
+    replica.wait_200("old.default.example.com").await.unwrap();
+    replica
+        .wait_status("new.default.example.com", 404)
+        .await
+        .unwrap();
+    let object = world.wait_ready_status("old", "True").await.unwrap();
+    assert_eq!(
+        object["status"]["publicLoadBalancer"]["ingress"][0]["domainInternal"],
+        "knarr-external.gateways.svc.cluster.local",
+        "the gateway names follow config-knarr"
+    );
+}

@@ -54,7 +54,7 @@ pub struct IngressController {
     clients: Arc<Clients>,
     /// Static routes (`--routes` files) served alongside the ingresses.
     statics: Routes,
-    names: LoadBalancerNames,
+    names: Mutex<LoadBalancerNames>,
     /// Probe results, when probing is on.
     probes: Option<Arc<ProbeResults>>,
     /// Ingresses whose current version is not confirmed by probing yet.
@@ -103,7 +103,7 @@ impl IngressController {
             cache,
             clients,
             statics,
-            names,
+            names: Mutex::new(names),
             probes: None,
             probe_pending: Mutex::new(Default::default()),
             activator_revisions: Mutex::new(SnapshotBuilder::default()),
@@ -386,7 +386,7 @@ impl IngressController {
             self.acks(&state, &snapshot),
             self.probe_of(&state),
             error.as_deref(),
-            &self.names,
+            &self.names.lock().unwrap(),
         ))
     }
 
@@ -408,6 +408,16 @@ impl IngressController {
             info!(?gateways, "gateways");
             *current = gateways;
         }
+    }
+
+    /// Which ingress classes are programmed from now on (see [`IngressIndex::set_classes`]).
+    pub fn set_classes(&self, classes: knarr_translate::reconcile::ClassFilter) {
+        self.index.lock().unwrap().set_classes(classes);
+    }
+
+    /// The gateway names statuses report from now on.
+    pub fn set_names(&self, names: LoadBalancerNames) {
+        *self.names.lock().unwrap() = names;
     }
 
     fn probe_of(&self, state: &IngressState) -> Probe {
@@ -432,7 +442,7 @@ impl IngressController {
                     self.acks(state, &snapshot),
                     self.probe_of(state),
                     errors.get(&state.key).map(String::as_str),
-                    &self.names,
+                    &self.names.lock().unwrap(),
                 )
             })
             .collect();

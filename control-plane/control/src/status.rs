@@ -13,7 +13,7 @@ use knarr_xds::{Clients, ResourceType, Snapshot};
 use serde::Serialize;
 
 /// The `domainInternal` names reported in status.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadBalancerNames {
     pub external: String,
     pub internal: String,

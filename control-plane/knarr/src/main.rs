@@ -126,6 +126,10 @@ struct KubeArgs {
     /// replica are probed.
     #[arg(long, value_name = "NS/NAME")]
     gateway_service: Option<String>,
+    /// Read and watch the ConfigMap `config-knarr` in this namespace: its keys override the
+    /// flags (ingress classes and the gateway names in status apply live).
+    #[arg(long, value_name = "NS")]
+    config_namespace: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -338,6 +342,7 @@ fn serve_kube(runtime: &tokio::runtime::Runtime, config: ServeConfig, args: Kube
     };
     let kube = knarr_kube::KubeConfig {
         gateway_service,
+        config_namespace: args.config_namespace,
         kubeconfig: args.kubeconfig,
         namespace: args.namespace,
         classes: config.classes.clone(),

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`source`] | watches of KIngresses (of Knarr's classes), Services, Endpoints, EndpointSlices and the TLS Secrets ingresses name → the same `Batch`es the file source makes |
 //! | [`status`] | KIngress status (conditions, `observedGeneration`, load balancers) written back by server-side apply, by the leader |
+//! | [`config`] | `config-knarr`: the flags' knobs from a ConfigMap, classes and status names applied live |
 //! | [`gateways`] | the gateway pods (ready addresses of the gateway Service's EndpointSlices) the leader probes |
 //! | [`leader`] | the `coordination.k8s.io` Lease that picks the replica that writes |
 //! | [`serve`] | `knarr serve --source kube`: the above around `knarr-control`'s control plane |
@@ -12,6 +13,7 @@
 //! readiness) is the code `knarr serve --source file:` runs: this crate only moves objects in
 //! and statuses out.
 
+pub mod config;
 pub mod gateways;
 pub mod leader;
 pub mod serve;

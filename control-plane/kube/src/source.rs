@@ -55,6 +55,7 @@ pub struct KubeSource {
     pub observed: Observed,
     /// Ingresses to look at for status (the initial batch's included, as `seq` 1).
     pub touched: mpsc::UnboundedReceiver<Touched>,
+    control: mpsc::UnboundedSender<Control>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -119,25 +120,22 @@ impl KubeSource {
         gateway_pods: Option<crate::gateways::GatewayPods>,
     ) -> anyhow::Result<KubeSource> {
         let (events_tx, events_rx) = mpsc::channel(1024);
+        let mut ingress_watch = None;
         for kind in WATCHED {
-            let ar = api_resource(kind);
-            let api: Api<DynamicObject> = match &namespace {
-                Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-                None => Api::all_with(client.clone(), &ar),
-            };
-            tokio::spawn(pump(
-                Stream::Kind(kind),
-                api,
-                watcher::Config::default(),
-                events_tx.clone(),
-            ));
+            let task = watch_kind(&client, namespace.as_deref(), kind, &events_tx);
+            if kind == Kind::Ingress {
+                ingress_watch = Some(task);
+            }
         }
+        let (control, control_rx) = mpsc::unbounded_channel();
         let observed: Observed = Arc::default();
         let (batches_tx, batches) = mpsc::channel(64);
         let (touched_tx, touched) = mpsc::unbounded_channel();
         let (initial_tx, initial_rx) = oneshot::channel();
         let state = State {
             client,
+            namespace,
+            ingress_watch: ingress_watch.expect("KIngresses are watched"),
             classes,
             events_tx,
             known: HashMap::new(),
@@ -153,7 +151,8 @@ impl KubeSource {
             pending: Pending::default(),
             seq: 0,
         };
-        let task = tokio::spawn(state.run(events_rx, initial_tx, batches_tx, touched_tx));
+        let task =
+            tokio::spawn(state.run(events_rx, control_rx, initial_tx, batches_tx, touched_tx));
         let initial = initial_rx
             .await
             .map_err(|_| anyhow::anyhow!("the API-server source stopped before its first list"))?;
@@ -162,9 +161,53 @@ impl KubeSource {
             batches,
             observed,
             touched,
+            control,
             task,
         })
     }
+
+    /// A handle that changes what the running source takes.
+    pub fn control(&self) -> SourceControl {
+        SourceControl(self.control.clone())
+    }
+}
+
+/// Changes a running [`KubeSource`].
+#[derive(Clone)]
+pub struct SourceControl(mpsc::UnboundedSender<Control>);
+
+impl SourceControl {
+    /// Programs other ingress classes from now on: the KIngresses are listed again, those of
+    /// classes no longer taken are deleted and those newly taken are added (in one batch).
+    pub fn set_classes(&self, classes: ClassFilter) {
+        let _ = self.0.send(Control::SetClasses(classes));
+    }
+}
+
+/// What the source is told while it runs.
+enum Control {
+    SetClasses(ClassFilter),
+}
+
+/// Starts the watch of one kind, in one namespace or all.
+fn watch_kind(
+    client: &Client,
+    namespace: Option<&str>,
+    kind: Kind,
+    events: &mpsc::Sender<Delivery>,
+) -> AbortHandle {
+    let ar = api_resource(kind);
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    tokio::spawn(pump(
+        Stream::Kind(kind),
+        api,
+        watcher::Config::default(),
+        events.clone(),
+    ))
+    .abort_handle()
 }
 
 /// Feeds one watch's events (with kube's default back-off between failures) into `tx`.
@@ -209,6 +252,10 @@ impl Pending {
 
 struct State {
     client: Client,
+    /// The one namespace watched (`None`: all).
+    namespace: Option<String>,
+    /// The KIngress watch (restarted when the classes change).
+    ingress_watch: AbortHandle,
     classes: ClassFilter,
     events_tx: mpsc::Sender<Delivery>,
     /// Every object handed on (and not deleted since), with its resource version.
@@ -238,6 +285,7 @@ impl State {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<Delivery>,
+        mut control: mpsc::UnboundedReceiver<Control>,
         initial: oneshot::Sender<Batch>,
         batches: mpsc::Sender<Batch>,
         touched: mpsc::UnboundedSender<Touched>,
@@ -263,8 +311,26 @@ impl State {
             return;
         }
         // Then: whatever arrived together, as one batch.
-        while let Some(delivery) = events.recv().await {
-            self.handle(delivery);
+        loop {
+            tokio::select! {
+                delivery = events.recv() => match delivery {
+                    Some(delivery) => self.handle(delivery),
+                    None => return,
+                },
+                Some(Control::SetClasses(classes)) = control.recv() => {
+                    info!(?classes, "ingress classes changed: listing KIngresses again");
+                    self.classes = classes;
+                    self.ingress_watch.abort();
+                    self.relisting.remove(&Stream::Kind(Kind::Ingress));
+                    self.ingress_watch = watch_kind(
+                        &self.client,
+                        self.namespace.as_deref(),
+                        Kind::Ingress,
+                        &self.events_tx,
+                    );
+                    continue;
+                }
+            }
             while let Ok(more) = events.try_recv() {
                 self.handle(more);
             }

@@ -134,13 +134,15 @@ fn timestamp_now() -> String {
         .to_string()
 }
 
-/// Writes statuses while this replica leads; runs until `touched` closes.
+/// Writes statuses while this replica leads; runs until `touched` closes. A change of
+/// `rewrite` makes it look at every ingress again.
 pub async fn run(
     client: Client,
     controller: Arc<IngressController>,
     observed: Observed,
     mut touched: mpsc::UnboundedReceiver<Touched>,
     mut leader: watch::Receiver<bool>,
+    mut rewrite: watch::Receiver<u64>,
 ) {
     let ingresses = crate::source::ingress_api_resource();
     let mut applied = controller.applied();
@@ -151,6 +153,7 @@ pub async fn run(
     // Ingresses last seen not Ready (looked at again when the gateways move).
     let mut not_ready: BTreeSet<ObjectKey> = BTreeSet::new();
     let mut retry: BTreeSet<ObjectKey> = BTreeSet::new();
+    let mut rewrite_open = true;
     let mut was_leader = *leader.borrow();
     if was_leader {
         dirty.extend(observed.lock().unwrap().keys().cloned());
@@ -184,6 +187,15 @@ pub async fn run(
                 was_leader = now;
             }
             () = retry_wait => dirty.append(&mut retry),
+            r = rewrite.changed(), if rewrite_open => {
+                if r.is_err() {
+                    // Nothing will ask for a rewrite any more.
+                    rewrite_open = false;
+                    continue;
+                }
+                // What every status says changed (e.g. the gateway names).
+                dirty.extend(observed.lock().unwrap().keys().cloned());
+            }
         }
         while let Ok(t) = touched.try_recv() {
             waiting.push(t);

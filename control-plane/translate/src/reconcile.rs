@@ -60,7 +60,7 @@ pub struct NotProgrammed {
 }
 
 /// Which ingresses this translator programs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassFilter {
     /// The values of `networking.knative.dev/ingress.class` programmed (Knarr's own, and for a
     /// drop-in switch, Kourier's).
@@ -181,6 +181,12 @@ fn ns_name(key: &ObjectKey) -> NsName {
 }
 
 impl IngressIndex {
+    /// Which classes later upserts are taken for (the source sends its ingresses again when it
+    /// changes them, so that the index follows).
+    pub fn set_classes(&mut self, classes: ClassFilter) {
+        self.classes = classes;
+    }
+
     pub fn new(gateway: GatewayConfig, classes: ClassFilter) -> Self {
         let mut index = IngressIndex {
             gateway,
