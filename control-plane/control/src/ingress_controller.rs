@@ -482,9 +482,8 @@ impl IngressController {
         errors
             .values()
             .flatten()
-            .filter(|e| e.object.as_ref() == Some(key))
+            .rfind(|e| e.object.as_ref() == Some(key))
             .map(|e| e.message.clone())
-            .last()
     }
 
     /// Every source error, as messages.

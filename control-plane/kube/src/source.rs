@@ -578,7 +578,7 @@ fn parse(kind: Kind, mut object: DynamicObject) -> Result<Option<Object>, String
     let mut tree = serde_json::to_value(&object).map_err(|e| format!("{kind}: {e}"))?;
     if let Some(map) = tree.as_object_mut() {
         map.insert("apiVersion".into(), ar.api_version.clone().into());
-        map.insert("kind".into(), ar.kind.clone().into());
+        map.insert("kind".into(), ar.kind.into());
     }
     let tree: serde_yaml::Value = serde_yaml::to_value(tree).map_err(|e| format!("{kind}: {e}"))?;
     knarr_model::parse_api_object(tree).map_err(|e| e.to_string())

@@ -169,6 +169,7 @@ fn parse_document(file: &str, chunk_start: usize, doc: &str, out: &mut Vec<Docum
 
 /// Parses one object read from the Kubernetes API server (already decoded). Errors name the
 /// object and the field, with no file or line. `Ok(None)`: a kind Knarr does not read.
+#[allow(clippy::result_large_err)] // once per watch event; the error is the message users read
 pub fn parse_api_object(value: Value) -> Result<Option<Object>, ParseError> {
     let mut out = Vec::new();
     parse_value("", 0, value, None, &mut out);
