@@ -413,7 +413,12 @@ impl State {
             self.delete(key);
             return None;
         }
-        let version = object.metadata.resource_version.clone().unwrap_or_default();
+        let version = match key.kind {
+            // Our own status writes change the resource version but not what is translated:
+            // the spec (its generation) and the annotations and labels are what matter.
+            Kind::Ingress => ingress_version(&object.metadata),
+            _ => object.metadata.resource_version.clone().unwrap_or_default(),
+        };
         if key.kind == Kind::Ingress {
             let seen = ObservedIngress {
                 generation: object.metadata.generation,
@@ -556,6 +561,16 @@ impl State {
         self.secret_watches
             .insert(secret, (stream, task.abort_handle()));
     }
+}
+
+/// What identifies the translated content of a KIngress: its generation (the spec's version),
+/// annotations and labels — not its status.
+fn ingress_version(meta: &kube::api::ObjectMeta) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.annotations.hash(&mut h);
+    meta.labels.hash(&mut h);
+    format!("g{}:{:x}", meta.generation.unwrap_or(0), h.finish())
 }
 
 /// The key of a watched object (`None` for an event of a Secret watch that was stopped since).
