@@ -8,12 +8,14 @@
 //! has. The first complete list of every kind becomes one batch, so the first snapshot holds
 //! everything; after that, events that arrive together go out together.
 //!
-//! A watch that breaks is retried with kube's default back-off; a `410 Gone` relists, and
-//! objects missing from the new list are deleted. While the API server is unreachable nothing
-//! changes: Envoy keeps serving the last config.
+//! A watch that breaks is retried with kube's default back-off, and listed again (not resumed
+//! from its resource version, which a wiped or restored etcd does not know); objects missing
+//! from the new list are deleted. While the API server is unreachable nothing changes: Envoy
+//! keeps serving the last config.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use knarr_control::source::{Batch, Change, Origin, SourceError};
@@ -210,18 +212,54 @@ fn watch_kind(
     .abort_handle()
 }
 
+/// The first pause before a watch that failed after its list lists again; it doubles up to
+/// [`MAX_RELIST_DELAY`] while watches keep failing soon after their list.
+const MIN_RELIST_DELAY: Duration = Duration::from_millis(250);
+const MAX_RELIST_DELAY: Duration = Duration::from_secs(30);
+/// A watch that lasted this long before failing starts the pauses over.
+const HEALTHY_WATCH: Duration = Duration::from_secs(60);
+
 /// Feeds one watch's events (with kube's default back-off between failures) into `tx`.
+///
+/// A watch that fails after its list (the connection to the API server broke, or the API
+/// server refused to resume it) is started over with a new list rather than resumed from its
+/// resource version: kube's watcher would resume, and after etcd is wiped or restored that
+/// version belongs to another history — the API server then silently waits for it, so the
+/// objects made since are never seen and the ones gone never deleted. The new list's
+/// `Init`..`InitDone` is a relist, which deletes what is gone (as client-go's reflector, which
+/// lists again after a failed watch).
 async fn pump(
     stream: Stream,
     api: Api<DynamicObject>,
     config: watcher::Config,
     tx: mpsc::Sender<Delivery>,
 ) {
-    let mut events = watcher::watcher(api, config).default_backoff().boxed();
-    while let Some(event) = events.next().await {
-        if tx.send(Delivery { stream, event }).await.is_err() {
-            return;
+    let mut delay = Duration::ZERO;
+    loop {
+        let mut events = watcher::watcher(api.clone(), config.clone())
+            .default_backoff()
+            .boxed();
+        // Since when the watch follows changes (after its list).
+        let mut watching: Option<Instant> = None;
+        while let Some(event) = events.next().await {
+            let listed = matches!(event, Ok(Event::InitDone));
+            let failed = event.is_err() && watching.is_some();
+            if tx.send(Delivery { stream, event }).await.is_err() {
+                return;
+            }
+            if listed {
+                watching = Some(Instant::now());
+            }
+            if failed {
+                break;
+            }
         }
+        if watching.is_some_and(|since| since.elapsed() >= HEALTHY_WATCH) {
+            delay = Duration::ZERO;
+        }
+        debug!(watch = ?stream, ?delay, "the watch failed after its list: listing again");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).clamp(MIN_RELIST_DELAY, MAX_RELIST_DELAY);
     }
 }
 
