@@ -373,6 +373,18 @@ impl State {
                 self.handle(more);
             }
             if self.pending.is_empty() {
+                // Only statuses changed (someone else's write, a restore): nothing to
+                // translate, but the status writer looks at them once what is applied now
+                // is (else they would wait for the next change to anything).
+                let keys: Vec<ObjectKey> = std::mem::take(&mut self.pending.touched)
+                    .into_iter()
+                    .collect();
+                if !keys.is_empty() {
+                    let _ = touched.send(Touched {
+                        seq: self.seq,
+                        keys,
+                    });
+                }
                 continue;
             }
             let (batch, keys) = self.pending.take();
