@@ -8,8 +8,9 @@
 //!
 //! [`KubeApi::start`] makes a temporary directory with a throwaway CA, a serving certificate
 //! for `127.0.0.1`/`localhost`, a service-account signing key and a static admin token
-//! (`system:masters`), starts etcd on free loopback ports and waits for its `/health`, then
-//! starts kube-apiserver (RBAC, no ServiceAccount admission, no endpoint reconciler) and waits
+//! (`system:masters`) — with [`KubeApi::start_with_static_service_accounts`] also static
+//! tokens that act as ServiceAccounts and survive etcd wipes — starts etcd on free loopback
+//! ports and waits for its `/health`, then starts kube-apiserver (RBAC, no ServiceAccount admission, no endpoint reconciler) and waits
 //! for `/readyz` to say `ok` over TLS that trusts only that CA. Both logs go to files in the
 //! directory; a failed wait carries the tail of the log. Dropping the [`KubeApi`] kills both
 //! processes and waits for them before the directory goes (it is kept, and its path printed,
@@ -161,6 +162,8 @@ pub struct KubeApi {
     etcd_data: PathBuf,
     port: u16,
     admin_token: String,
+    /// (namespace, name, token) of each ServiceAccount with a static token.
+    static_tokens: Vec<(String, String, String)>,
     ca_pem: String,
     tls: Arc<ClientConfig>,
     kubeconfig: PathBuf,
@@ -175,6 +178,21 @@ impl KubeApi {
     /// is user `admin` in group `system:masters` ([`admin_token`](Self::admin_token)), and
     /// ServiceAccount tokens can be minted ([`token_for_service_account`](Self::token_for_service_account)).
     pub async fn start() -> anyhow::Result<KubeApi> {
+        Self::start_with_static_service_accounts(&[]).await
+    }
+
+    /// [`start`](Self::start), and each ServiceAccount `(namespace, name)` in `accounts` also
+    /// gets a static token in `--token-auth-file` ([`static_service_account_token`](Self::static_service_account_token)).
+    ///
+    /// It authenticates as the ServiceAccount does (user `system:serviceaccount:NS:NAME`, groups
+    /// `system:serviceaccounts` and `system:serviceaccounts:NS`), so the RoleBindings naming the
+    /// ServiceAccount are what it may do; but it needs no ServiceAccount object, so unlike a
+    /// TokenRequest token it stays valid across [`restart_apiserver`](Self::restart_apiserver)
+    /// and [`wipe_etcd`](Self::wipe_etcd) (where the ServiceAccount, if recreated, gets a new
+    /// UID and the tokens minted for the old one are refused).
+    pub async fn start_with_static_service_accounts(
+        accounts: &[(&str, &str)],
+    ) -> anyhow::Result<KubeApi> {
         let bin = tokio::task::spawn_blocking(kube_binaries).await??;
         let dir = tempfile::Builder::new()
             .prefix("knarr-kube.")
@@ -191,10 +209,17 @@ impl KubeApi {
         std::fs::write(path("sa.pub"), &pki.sa_public_pem)?;
         let admin_token = random_token()?;
         // token,user,uid,"group1,group2"
-        std::fs::write(
-            path("tokens.csv"),
-            format!("{admin_token},admin,admin,\"system:masters\"\n"),
-        )?;
+        let mut tokens = format!("{admin_token},admin,admin,\"system:masters\"\n");
+        let mut static_tokens = Vec::new();
+        for (ns, name) in accounts {
+            let token = random_token()?;
+            tokens.push_str(&format!(
+                "{token},system:serviceaccount:{ns}:{name},static-{ns}-{name},\
+                 \"system:serviceaccounts,system:serviceaccounts:{ns}\"\n"
+            ));
+            static_tokens.push((ns.to_string(), name.to_string(), token));
+        }
+        std::fs::write(path("tokens.csv"), tokens)?;
 
         // Ports a child process must be told; each is re-bound by the same process kind on a
         // restart, so they stay fixed for the KubeApi's life.
@@ -244,6 +269,7 @@ impl KubeApi {
             etcd_data,
             port,
             admin_token,
+            static_tokens,
             tls: Arc::new(client_config(&pki.ca_pem)?),
             ca_pem: pki.ca_pem,
             kubeconfig: kubeconfig.clone(),
@@ -276,6 +302,15 @@ impl KubeApi {
     /// A bearer token for user `admin` in group `system:masters`.
     pub fn admin_token(&self) -> &str {
         &self.admin_token
+    }
+
+    /// The static token of ServiceAccount `ns/name`, if it was given to
+    /// [`start_with_static_service_accounts`](Self::start_with_static_service_accounts).
+    pub fn static_service_account_token(&self, ns: &str, name: &str) -> Option<&str> {
+        self.static_tokens
+            .iter()
+            .find(|(n, a, _)| n == ns && a == name)
+            .map(|(_, _, token)| token.as_str())
     }
 
     /// The CA that signed the API server's serving certificate, in PEM.

@@ -28,10 +28,15 @@ pub fn deploy_dir() -> PathBuf {
         .join("deploy/kubernetes")
 }
 
+/// The ServiceAccount (namespace, name) control planes run as (`deploy/kubernetes/200-rbac.yaml`).
+pub const CONTROLLER: (&str, &str) = ("knarr-system", "knarr-controller");
+
 /// The API server with the CRD and Knarr's namespace, ServiceAccount and RBAC installed.
 pub struct KubeWorld {
     pub api: KubeApi,
-    /// A kubeconfig for the `knarr-controller` ServiceAccount.
+    /// A kubeconfig for the `knarr-controller` ServiceAccount, with a static token that stays
+    /// valid across API server restarts and etcd wipes (see
+    /// [`KubeApi::start_with_static_service_accounts`]).
     pub controller_kubeconfig: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -39,19 +44,26 @@ pub struct KubeWorld {
 impl KubeWorld {
     pub async fn start() -> anyhow::Result<KubeWorld> {
         crate::trace_init();
-        let api = KubeApi::start().await?;
+        let api = KubeApi::start_with_static_service_accounts(&[CONTROLLER]).await?;
         let dir = tempfile::tempdir()?;
         let world = KubeWorld {
             controller_kubeconfig: dir.path().join("controller.kubeconfig"),
             api,
             _dir: dir,
         };
+        let token = world
+            .api
+            .static_service_account_token(CONTROLLER.0, CONTROLLER.1)
+            .context("the controller's static token")?;
+        world
+            .api
+            .write_kubeconfig(&world.controller_kubeconfig, token)?;
         world.install().await?;
         Ok(world)
     }
 
-    /// Installs the CRD, the namespace and the RBAC (again, after an etcd wipe), and writes the
-    /// controller's kubeconfig with a fresh ServiceAccount token.
+    /// Installs the CRD, the namespace, the ServiceAccount and the RBAC (again, after an etcd
+    /// wipe: the controller's kubeconfig stays valid).
     pub async fn install(&self) -> anyhow::Result<()> {
         let deploy = deploy_dir();
         for file in [
@@ -73,12 +85,6 @@ impl KubeWorld {
                 "crd/ingresses.networking.internal.knative.dev",
             ])
             .await?;
-        let token = self
-            .api
-            .token_for_service_account("knarr-system", "knarr-controller")
-            .await?;
-        self.api
-            .write_kubeconfig(&self.controller_kubeconfig, &token)?;
         Ok(())
     }
 
